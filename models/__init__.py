@@ -1,0 +1,7 @@
+"""Model families. Importing this package registers every architecture with timm."""
+
+from spikeformers.models.neurons import LIF, set_backend
+from spikeformers.models.sdt import SpikeDrivenTransformer
+from spikeformers.models.spikformer import Spikformer
+
+__all__ = ["LIF", "set_backend", "Spikformer", "SpikeDrivenTransformer"]

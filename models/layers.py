@@ -1,0 +1,73 @@
+"""Helpers shared by the spiking transformer families.
+
+Activations are time-first, ``[T, B, ...]``. Stateless layers (conv, linear, BN, pooling) run with
+T folded into the batch, ``[T*B, ...]``, so BatchNorm statistics are shared across time steps and
+computed over T*B*(tokens or pixels), exactly as the official code does (architectures.md §1).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+__all__ = ["seq", "time_sequence", "checkpoint_filter_fn", "count_params"]
+
+
+def seq(x: torch.Tensor, *modules: nn.Module) -> torch.Tensor:
+    """Run stateless ``modules`` in order on ``x`` [T, B, ...] with T folded into the batch."""
+    T, B = x.shape[:2]
+    y = x.flatten(0, 1)
+    for module in modules:
+        y = module(y)
+    return y.reshape(T, B, *y.shape[1:])
+
+
+def time_sequence(
+    x: torch.Tensor, T: int, in_chans: int, size_multiple: int, model_name: str
+) -> torch.Tensor:
+    """Turn model input into a [T, B, C, H, W] sequence, or raise a one-line ``ValueError``.
+
+    Images ``[B, C, H, W]`` are repeated over ``T`` time steps (direct encoding). Sequences
+    ``[T', B, C, H, W]`` (e.g. DVS frames) are used as given: their own T' wins.
+    """
+    if x.dim() == 4:
+        x = x.unsqueeze(0).expand(T, *x.shape)
+    elif x.dim() != 5:
+        raise ValueError(
+            f"{model_name} expects images [B, C, H, W] or sequences [T, B, C, H, W], "
+            f"got a {x.dim()}-D tensor of shape {tuple(x.shape)}"
+        )
+    channels, height, width = x.shape[2:]
+    if channels != in_chans:
+        raise ValueError(
+            f"{model_name} expects {in_chans} input channels, got {channels} "
+            f"(input shape {tuple(x.shape)})"
+        )
+    if height % size_multiple or width % size_multiple or height == 0 or width == 0:
+        raise ValueError(
+            f"{model_name} expects height and width that are positive multiples of "
+            f"{size_multiple} (its patch embedding pools {size_multiple.bit_length() - 1} times), "
+            f"got {height}x{width}"
+        )
+    return x
+
+
+def checkpoint_filter_fn(state_dict: dict, model: nn.Module | None = None) -> dict:
+    """Official Spikformer/SDT checkpoints → our state_dict.
+
+    Our key names are the official ones, so this only unwraps the training-checkpoint dict
+    (timm saver ``state_dict``/``state_dict_ema``, Spikformer-DVS ``model``) and strips the
+    ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes.
+    """
+    for wrapper in ("state_dict_ema", "state_dict", "model"):
+        if isinstance(state_dict.get(wrapper), dict):
+            state_dict = state_dict[wrapper]
+            break
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
+
+
+def count_params(model: nn.Module) -> int:
+    """Exact parameter count, unused-but-present parameters included (architectures.md §4)."""
+    return sum(p.numel() for p in model.parameters())
