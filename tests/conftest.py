@@ -1,0 +1,72 @@
+"""Shared fixtures. The official key lists (tests/reference/keys*) are copies of the project's
+reference data (shared/reference), vendored so the suite runs from a plain checkout."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REFERENCE = Path(__file__).parent / "reference"
+
+# Official configuration (reference file stem) -> (our timm name, num_classes).
+OFFICIAL_CONFIGS = {
+    "sf_cifar10_4_384": ("spikformer_cifar_4_384", 10),
+    "sf_cifar100_4_384": ("spikformer_cifar_4_384", 100),
+    "sf_cifar10_4_256": ("spikformer_cifar_4_256", 10),
+    "sf_cifar10_2_384": ("spikformer_cifar_2_384", 10),
+    "sf_imagenet_8_384": ("spikformer_imagenet_8_384", 1000),
+    "sf_imagenet_8_512": ("spikformer_imagenet_8_512", 1000),
+    "sf_imagenet_10_512": ("spikformer_imagenet_10_512", 1000),
+    "sf_imagenet_8_768": ("spikformer_imagenet_8_768", 1000),
+    "sf_cifar10dvs_2_256": ("spikformer_cifar10dvs_2_256", 10),
+    "sdt_cifar10_2_256": ("sdt_cifar_2_256", 10),
+    "sdt_cifar10_2_512": ("sdt_cifar_2_512", 10),
+    "sdt_cifar100_2_256": ("sdt_cifar_2_256", 100),
+    "sdt_cifar100_2_512": ("sdt_cifar_2_512", 100),
+    "sdt_cifar10dvs_2_256": ("sdt_cifar10dvs_2_256", 10),
+    "sdt_gesture_2_256": ("sdt_gesture_2_256", 11),
+    "sdt_imagenet_8_384": ("sdt_imagenet_8_384", 1000),
+    "sdt_imagenet_6_512": ("sdt_imagenet_6_512", 1000),
+    "sdt_imagenet_8_512": ("sdt_imagenet_8_512", 1000),
+    "sdt_imagenet_10_512": ("sdt_imagenet_10_512", 1000),
+    "sdt_imagenet_8_768": ("sdt_imagenet_8_768", 1000),
+}
+
+
+def read_key_list(config: str) -> list[tuple[str, tuple[int, ...]]]:
+    """Parse ``<config>.txt``: ``key [d0,d1,...]`` per line, in official state_dict order."""
+    entries = []
+    for line in (REFERENCE / "keys" / f"{config}.txt").read_text().splitlines():
+        if line.strip():
+            key, shape = line.rsplit(" ", 1)
+            entries.append((key, tuple(json.loads(shape))))
+    return entries
+
+
+def read_summary(config: str) -> dict:
+    return json.loads((REFERENCE / "keys" / f"{config}.json").read_text())
+
+
+class Reference:
+    """Access to the official key lists for tests (``reference`` fixture)."""
+
+    configs = OFFICIAL_CONFIGS
+    read_key_list = staticmethod(read_key_list)
+    read_summary = staticmethod(read_summary)
+
+
+@pytest.fixture
+def reference() -> Reference:
+    return Reference()
+
+
+def pytest_generate_tests(metafunc):
+    # Tests that take ``official_config`` run once per official configuration.
+    if "official_config" in metafunc.fixturenames:
+        metafunc.parametrize("official_config", sorted(OFFICIAL_CONFIGS))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
