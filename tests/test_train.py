@@ -1,0 +1,293 @@
+"""Training: configs, data formats, the loop's outputs, exact resume, preemption, errors, eval,
+DDP (gloo, 2 processes), SLURM launcher composition, wandb offline."""
+
+import csv
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf, open_dict
+from PIL import Image
+
+from spikeformers.train.data import DatasetError, Digits, EpochSeeded, build_datasets
+from spikeformers.train.main import train
+
+# A few-second model: spikformer_tiny at D=16, two steps per epoch.
+SMALL = ["model.args={embed_dim: 16}", "trainer.max_steps_per_epoch=2", "trainer.epochs=2", "data.eval_batch_size=360"]
+ENV = dict(os.environ, SPIKEFORMERS_LIF_COMPILE="0", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    def _make(*overrides, config_name="train"):
+        GlobalHydra.instance().clear()
+        with initialize_config_module(config_module="spikeformers.configs", version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=list(overrides))
+        with open_dict(cfg):
+            cfg.output_dir = str(tmp_path / "run")
+        return cfg
+
+    yield _make
+    GlobalHydra.instance().clear()
+
+
+def run_cli(*args, cwd, timeout=300, **kwargs):
+    return subprocess.run([sys.executable, "-P", "-m", *args], cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+# --- configs -----------------------------------------------------------------------------------
+
+
+def test_default_config_is_the_digits_job(make_cfg):
+    cfg = make_cfg()
+    assert cfg.model.name == "spikformer_tiny" and cfg.data.name == "digits" and cfg.model.T == 4
+    assert cfg.optim.name == "adamw" and cfg.sched.name == "cosine"
+
+
+def test_unknown_key_is_a_hydra_error(make_cfg):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        make_cfg("trainer.epohcs=3")
+    with pytest.raises(ConfigCompositionException):
+        make_cfg("data=svhn")
+
+
+def test_slurm_launcher_composes_job_parameters():
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="spikeformers.configs", version_base="1.3"):
+        cfg = compose("train", overrides=["launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.partition=gpu",
+                                          "hydra.launcher.timeout_min=600"], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 8, 8)
+    assert launcher.partition == "gpu" and launcher.timeout_min == 600 and launcher.max_num_timeout > 0
+    assert cfg.resume == "auto" and cfg.trainer.device == "cuda"
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+def test_digits_split_and_shapes():
+    train_set, test_set = Digits(True), Digits(False)
+    assert (len(train_set), len(test_set)) == (1437, 360)
+    image, label = test_set[0]
+    assert image.shape == (1, 32, 32) and 0 <= label <= 9
+    assert torch.equal(Digits(False).images, test_set.images), "the split is fixed"
+    assert sorted(set(test_set.labels.tolist())) == list(range(10))
+
+
+def test_epoch_seeded_augmentation_is_reproducible():
+    ds = EpochSeeded(Digits(True), seed=3)
+    indices = range(10)
+    ds.set_epoch(1)
+    epoch1 = [ds[i][0] for i in indices]
+    ds.set_epoch(2)
+    epoch2 = [ds[i][0] for i in indices]
+    ds.set_epoch(1)
+    assert all(torch.equal(x, ds[i][0]) for x, i in zip(epoch1, indices)), "same (epoch, index), same sample"
+    assert any(not torch.equal(x, y) for x, y in zip(epoch1, epoch2)), "another epoch, other shifts"
+
+
+def _write_cifar(root: Path, name: str, n: int = 6):
+    folder, files, key = {
+        "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels"),
+        "cifar100": ("cifar-100-python", ["train", "test"], b"fine_labels"),
+    }[name]
+    (root / folder).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for file in files:
+        entry = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), key: list(range(n)), b"batch_label": b"x"}
+        with open(root / folder / file, "wb") as f:
+            pickle.dump(entry, f)
+
+
+@pytest.mark.parametrize("name,classes,train_n", [("cifar10", 10, 30), ("cifar100", 100, 6)])
+def test_cifar_pickle_layout(make_cfg, tmp_path, name, classes, train_n):
+    _write_cifar(tmp_path / "data", name)
+    cfg = make_cfg(f"data={name}", f"data.root={tmp_path / 'data'}")
+    train_set, test_set, info = build_datasets(cfg.data)
+    assert (len(train_set), len(test_set), info.num_classes) == (train_n, 6, classes)
+    image, label = train_set[0]
+    assert image.shape == (3, 32, 32) and label == 0
+
+
+def test_missing_and_malformed_cifar(make_cfg, tmp_path):
+    cfg = make_cfg("data=cifar10", f"data.root={tmp_path}")
+    with pytest.raises(DatasetError, match=r"cifar10 not found: expected .*cifar-10-batches-py/\{data_batch_1,.*test_batch\}") as err:
+        build_datasets(cfg.data)
+    assert "\n" not in str(err.value)
+    _write_cifar(tmp_path, "cifar10")
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps({b"nodata": 1}))
+    with pytest.raises(DatasetError, match="is not a CIFAR pickle batch"):
+        build_datasets(cfg.data)
+
+
+def test_tinyimagenet_layout(make_cfg, tmp_path):
+    base = tmp_path / "tiny-imagenet-200"
+    wnids = ["n01443537", "n01629819"]
+    (base).mkdir()
+    (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    for k, wnid in enumerate(wnids):
+        folder = base / "train" / wnid / "images"
+        folder.mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (64, 64), (k * 100, i * 50, 0)).save(folder / f"{wnid}_{i}.JPEG")
+    (base / "val" / "images").mkdir(parents=True)
+    lines = []
+    for i, wnid in enumerate(["n01629819", "n01443537"]):
+        Image.new("RGB", (64, 64)).save(base / "val" / "images" / f"val_{i}.JPEG")
+        lines.append(f"val_{i}.JPEG\t{wnid}\t0\t0\t63\t63")
+    (base / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    cfg = make_cfg("data=tinyimagenet", f"data.root={tmp_path}")
+    train_set, test_set, info = build_datasets(cfg.data)
+    assert (len(train_set), len(test_set), info.num_classes) == (6, 2, 2)
+    assert [y for _, y in test_set.samples] == [1, 0]
+    assert train_set[0][0].shape == (3, 64, 64)
+
+
+def test_imagenet_folder_layout(make_cfg, tmp_path):
+    for split in ("train", "val"):
+        for wnid in ("n1", "n2", "n3"):
+            (tmp_path / split / wnid).mkdir(parents=True)
+            Image.new("RGB", (40, 30)).save(tmp_path / split / wnid / "a.JPEG")
+    cfg = make_cfg("data=imagenet", f"data.root={tmp_path}", "data.img_size=32")
+    train_set, test_set, info = build_datasets(cfg.data)
+    assert (len(train_set), len(test_set), info.num_classes) == (3, 3, 3)
+    assert train_set[0][0].shape == (3, 32, 32)
+    with pytest.raises(DatasetError, match=r"imagenet not found: expected .*\{train,val\}/<wnid>/\*\.JPEG"):
+        build_datasets(make_cfg("data=imagenet", f"data.root={tmp_path / 'nope'}").data)
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+def test_short_run_writes_every_output(make_cfg, tmp_path):
+    cfg = make_cfg(*SMALL)
+    result = train(cfg)
+    out = Path(cfg.output_dir)
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert len(rows) == 2
+    assert {"epoch", "lr", "train_loss", "test_loss", "test_top1", "test_top5", "epoch_seconds"} <= set(rows[0])
+    assert all(0 <= float(r["test_top1"]) <= 100 for r in rows)
+    assert OmegaConf.load(out / "config.yaml").model.name == "spikformer_tiny"
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "ema", "scaler", "epoch", "rng", "config"} <= set(state)
+    assert state["epoch"] == 2 and state["global_step"] == 4
+    assert (out / "checkpoints" / "best.pt").exists()
+    assert result["best_top1"] == max(float(r["test_top1"]) for r in rows)
+    assert not list(out.rglob("*.tmp")), "no temporary files left behind"
+
+
+def _final_weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    args = ["spikeformers.train.main", "model.args={embed_dim: 16}", "trainer.max_steps_per_epoch=6", "trainer.epochs=3",
+            "trainer.save_every_steps=1", "data.eval_batch_size=360"]
+    ref = tmp_path / "ref"
+    done = run_cli(*args, f"hydra.run.dir={ref}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-P", "-m", *args, f"hydra.run.dir={killed}"], cwd=tmp_path, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait until the run is mid-way through epoch 1, then SIGKILL
+        if last.exists():
+            try:
+                state = torch.load(last, weights_only=True)
+            except Exception:
+                state = None
+            if state and (state["epoch"], state["batch_in_epoch"]) >= (1, 2):
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(last, weights_only=True)
+    assert state["global_step"] < 18, "the run must be interrupted before it finished"
+    resumed = run_cli(*args, f"hydra.run.dir={killed}", f"resume={last}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _final_weights(ref), _final_weights(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows_a = list(csv.DictReader(open(ref / "metrics.csv")))
+    rows_b = list(csv.DictReader(open(killed / "metrics.csv")))
+    assert [r["test_top1"] for r in rows_a] == [r["test_top1"] for r in rows_b]
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+    args = ["spikeformers.train.main", "model.args={embed_dim: 16}", "trainer.epochs=50", "trainer.save_every_steps=1",
+            f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.Popen([sys.executable, "-P", "-m", *args], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    while not last.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output[-2000:]
+    assert time.time() - t0 < 20
+    assert "preempted: saved" in output
+    state = torch.load(last, weights_only=True)
+    assert state["epoch"] == 0 and state["batch_in_epoch"] > 0
+
+
+def test_nonfinite_loss_stops_with_a_clear_error(make_cfg):
+    cfg = make_cfg(*SMALL, "optim.lr=1e30", "sched.warmup_epochs=0", "trainer.max_steps_per_epoch=20")
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss .* at epoch \d+, step \d+"):
+        train(cfg)
+
+
+def test_incompatible_model_and_data(make_cfg):
+    with pytest.raises(ValueError, match="built for event-frame .* but data=digits provides static images"):
+        train(make_cfg("model=sdt_cifar10dvs_2_256"))
+
+
+def test_eval_cli_writes_json(make_cfg, tmp_path):
+    cfg = make_cfg(*SMALL)
+    train(cfg)
+    ckpt = Path(cfg.output_dir) / "checkpoints" / "best.pt"
+    out = run_cli("spikeformers.train.evaluate", "--checkpoint", str(ckpt), "--json", str(tmp_path / "eval.json"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert set(result) == {"model", "checkpoint", "dataset", "top1", "top5", "loss", "firing_rate", "n_samples"}
+    assert result["dataset"] == "digits" and result["n_samples"] == 360 and result["model"] == "spikformer_tiny"
+    best = max(float(r["test_top1"]) for r in csv.DictReader(open(Path(cfg.output_dir) / "metrics.csv")))
+    assert abs(result["top1"] - best) < 1e-6
+    assert "top1" in out.stdout
+
+
+def test_ddp_two_processes_gloo_keep_identical_parameters(tmp_path):
+    run = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-P", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "-m", "spikeformers.train.main", "model.args={embed_dim: 16}", "trainer.max_steps_per_epoch=3",
+         "trainer.epochs=1", "data.batch_size=32", f"hydra.run.dir={run}"],
+        cwd=tmp_path, env=dict(ENV, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "parameters identical on 2 ranks" in proc.stdout + proc.stderr
+    assert len(list(csv.DictReader(open(run / "metrics.csv")))) == 1
+
+
+def test_wandb_offline_run_files(make_cfg):
+    cfg = make_cfg(*SMALL, "logger=wandb", "logger.mode=offline")
+    train(cfg)
+    runs = list((Path(cfg.output_dir) / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0

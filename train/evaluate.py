@@ -1,0 +1,149 @@
+"""Evaluation: top-1/top-5, loss and mean firing rate (``spikeformers-eval``).
+
+``spikeformers-eval checkpoint=PATH`` rebuilds the model and data set from the configuration
+stored in a training checkpoint; ``model.name=NAME model.pretrained=true`` evaluates registered
+pretrained weights instead. Any ``data.*`` override applies, and ``--json FILE`` (or ``json=FILE``)
+writes ``{"model", "checkpoint", "dataset", "top1", "top5", "loss", "firing_rate", "n_samples"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Sampler
+
+from spikeformers.models.neurons import LIF
+from spikeformers.train.checkpoint import atomic_write, load_checkpoint
+from spikeformers.train.data import DataInfo, build_datasets
+
+__all__ = ["evaluate", "ShardSampler", "to_model_input", "main"]
+
+
+class ShardSampler(Sampler):
+    """Rank r takes indices r, r + world, ...: disjoint, unpadded, so sums add up exactly."""
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1) -> None:
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def to_model_input(images: torch.Tensor, info: DataInfo, device: torch.device) -> torch.Tensor:
+    """Batches of event-frame sequences come as [B, T, C, H, W]; models take time first."""
+    images = images.to(device, non_blocking=True).float()
+    return images.transpose(0, 1).contiguous() if info.sequence else images
+
+
+class FiringRate:
+    """Mean firing rate over every LIF output (spikes / neuron-steps), via forward hooks."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.spikes, self.count = 0.0, 0
+        self.hooks = [m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, LIF)]
+
+    def _hook(self, module, inputs, output) -> None:
+        self.spikes += float(output.detach().sum())
+        self.count += output.numel()
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, info: DataInfo, device: torch.device, world: int = 1) -> dict:
+    """Plain cross-entropy, top-1/top-5 (%) and firing rate over the whole loader (all ranks)."""
+    was_training, per_step = model.training, getattr(model, "per_step_logits", False)
+    model.eval()
+    model.per_step_logits = False
+    rate = FiringRate(model)
+    sums = torch.zeros(5, dtype=torch.float64)  # loss, top1, top5, n, (unused)
+    try:
+        for images, target in loader:
+            images, target = to_model_input(images, info, device), target.to(device)
+            logits = model(images).float()
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            correct = top.eq(target[:, None])
+            sums += torch.tensor([F.cross_entropy(logits, target, reduction="sum").item(),
+                                  correct[:, :1].sum().item(), correct.sum().item(), len(target), 0.0], dtype=torch.float64)
+    finally:
+        rate.remove()
+        model.train(was_training)
+        model.per_step_logits = per_step
+    fr = torch.tensor([rate.spikes, float(rate.count)], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(sums)
+        dist.all_reduce(fr)
+    n = max(sums[3].item(), 1.0)
+    return {"loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n,
+            "firing_rate": fr[0].item() / max(fr[1].item(), 1.0), "n_samples": int(sums[3].item())}
+
+
+def run_eval(cfg: DictConfig) -> dict:
+    """Evaluate the configured checkpoint or pretrained model; print a table; write JSON."""
+    from spikeformers.train.main import build_model
+
+    data_cfg, model_cfg, state = cfg.data, cfg.model, None
+    if cfg.checkpoint:
+        state = load_checkpoint(cfg.checkpoint)
+        trained = OmegaConf.create(state["config"])
+        model_cfg = trained.model
+        # data comes from the checkpoint unless the user chose another data set on the command line
+        if not cfg.data_from_cli:
+            data_cfg = trained.data
+    _, test_set, info = build_datasets(data_cfg)
+    if state is not None and state["num_classes"] != info.num_classes:
+        raise ValueError(f"checkpoint {cfg.checkpoint} has {state['num_classes']} classes but data={info.name} has {info.num_classes}")
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = build_model(model_cfg, info).to(device)
+    if state is not None:
+        weights = state["ema"] if (cfg.use_ema and state.get("ema")) else state["model"]
+        model.load_state_dict(weights)
+    loader = DataLoader(test_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    stats = evaluate(model, loader, info, device)
+    result = {"model": model_cfg.name, "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else None, "dataset": info.name,
+              "top1": stats["top1"], "top5": stats["top5"], "loss": stats["loss"],
+              "firing_rate": stats["firing_rate"], "n_samples": stats["n_samples"]}
+    width = max(len(k) for k in result)
+    print("\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in result.items()))
+    if cfg.json:
+        atomic_write(cfg.json, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+    return result
+
+
+@hydra.main(config_path="pkg://spikeformers.configs", config_name="eval", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
+    run_eval(cfg)
+
+
+def main() -> None:
+    """Console script ``spikeformers-eval``: also accepts ``--json FILE`` and ``--checkpoint FILE``."""
+    args, out = sys.argv[1:], []
+    while args:
+        arg = args.pop(0)
+        if arg in ("--json", "--checkpoint") and args:
+            out.append(f"{arg[2:]}={args.pop(0)}")
+        elif arg.startswith(("--json=", "--checkpoint=")):
+            out.append(arg[2:])
+        else:
+            out.append(arg)
+    # Was a data set chosen on the command line? Then it overrides the checkpoint's.
+    data_from_cli = any(a.startswith(("data=", "data.")) for a in out)
+    sys.argv = [sys.argv[0], *out] + (["data_from_cli=true"] if data_from_cli else [])
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Run outputs: ``metrics.csv`` (always), ``curves.png``, and optional Weights & Biases."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from spikeformers.train.checkpoint import atomic_write
+
+__all__ = ["MetricsCsv", "plot_curves", "WandbLogger", "NullLogger"]
+
+REQUIRED_COLUMNS = ["epoch", "lr", "train_loss", "test_loss", "test_top1", "test_top5", "epoch_seconds"]
+
+
+class MetricsCsv:
+    """One row per epoch. The whole file is rewritten atomically after each epoch, so a crash
+    never leaves a partial row; ``rows`` is restored from the checkpoint on resume."""
+
+    def __init__(self, path: str | Path, rows: list[dict] | None = None) -> None:
+        self.path = Path(path)
+        self.rows = list(rows or [])
+
+    def append(self, row: dict) -> None:
+        self.rows.append(dict(row))
+        columns = REQUIRED_COLUMNS + sorted({k for r in self.rows for k in r} - set(REQUIRED_COLUMNS))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write(self.path, lambda tmp: tmp.write_text(buffer.getvalue()))
+
+
+def plot_curves(rows: list[dict], path: str | Path) -> Path:
+    """Loss (train/test) and test top-1 per epoch, side by side, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker="o", label="train")
+    ax_loss.plot(epochs, [r["test_loss"] for r in rows], marker="o", label="test")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [r["test_top1"] for r in rows], marker="o", color="tab:green")
+    ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="test accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+    return path
+
+
+class NullLogger:
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        pass
+
+    def finish(self, summary: dict | None = None) -> None:
+        pass
+
+
+class WandbLogger(NullLogger):
+    """Thin wrapper: ``mode`` online/offline/disabled; the run lives in ``<out_dir>/wandb``."""
+
+    def __init__(self, cfg, config: dict, out_dir: Path) -> None:
+        import wandb
+
+        self._wandb = wandb
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.run_name,
+            tags=list(cfg.tags or []),
+            group=cfg.group,
+            mode=cfg.mode,
+            dir=str(out_dir),
+            config=config,
+            resume="allow" if cfg.run_id else None,
+            id=cfg.run_id,
+        )
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        self.run.log({key: self._wandb.Image(str(path))}, step=step)
+
+    def finish(self, summary: dict | None = None) -> None:
+        for key, value in (summary or {}).items():
+            self.run.summary[key] = value
+        self.run.finish()
