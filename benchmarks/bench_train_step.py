@@ -1,0 +1,354 @@
+"""Train-step benchmark: SpikingJelly's LIFNode vs our fused torch LIF, side by side.
+
+What is measured, per (model, backend):
+
+- one train step = forward + cross-entropy + backward + ``SGD(lr=0).step()`` (the optimizer
+  step is real but leaves the weights unchanged, so every step does identical work), on a fixed
+  random batch (``--batch`` images of the model's input size, CIFAR: 3x32x32) with ``--T`` time
+  steps. Models are built with the same seed, and the inputs come from their own seeded
+  generator, so both backends see the same weights and the same batch.
+- neuron-only rows ``lif[TxBx...]``: ``LIF(backend=...)`` forward + backward (with a fixed random
+  output gradient) on [T, B, 64, 384], [T, B, 64, 1536] and [T, B, 48, 32, 32]: Spikformer-4-384's
+  token neurons, its MLP hidden neurons and its first patch-splitting stage.
+
+Every configuration runs in a fresh subprocess of this script (one JSON line back on stdout),
+one after the other in the same run: a model's two backends run back to back.
+
+Steps, per configuration:
+
+1. the first call, timed on its own (``first_call_s``): torch.compile of the LIF loops for the
+   torch backend (~20 s cold, a few seconds when Inductor's on-disk cache in
+   /tmp/torchinductor_$USER already has them), lazy imports and initialisation for both;
+2. one untimed step that measures the memory (``peak_mb``, below);
+3. ``--warmup`` - 2 more untimed steps, then ``--iters`` timed ones: ``ms_per_step`` is their
+   median (CUDA is synchronized around every timed step).
+
+Memory (``peak_mb``, MB) is what one steady-state step adds on top of the model, its inputs and
+the libraries: activations kept for backward, gradients, temporaries.
+On the CPU it is the subprocess's peak resident set size during step 2 minus its RSS just
+before it: the peak (VmHWM in /proc/self/status, what ``getrusage().ru_maxrss`` reports) is
+reset through ``/proc/self/clear_refs``. RSS only means something if freed memory goes back to
+the OS, so the worker first tells glibc's malloc (``mallopt``) to serve every block of 64 KiB or
+more with its own mmap; before the timed steps it switches to fixed large thresholds (mmap
+32 MiB, trim 64 MiB, about where glibc's own dynamic ones settle), so freed blocks are reused
+from the heap and the timed steps take no extra page faults.
+Without glibc (macOS) it is the growth of ``ru_maxrss`` over steps 1 and 2, one-time costs
+included, a rough upper bound (``mem_method`` in the JSON says which). On CUDA (``--device
+cuda``) it is ``torch.cuda.max_memory_allocated()`` during step 2 minus
+``torch.cuda.memory_allocated()`` before it. The JSON also has ``first_call_peak_mb``, the same
+measure over step 1 (with the one-time compile), and ``ms_all``, every timed step.
+
+Run (a few minutes on a 2-core CPU):
+
+    python -P benchmarks/bench_train_step.py --json bench.json
+    python -P benchmarks/bench_train_step.py --models sdt_cifar_2_512,lif --iters 10 --device cuda
+
+The Markdown table goes to stdout, progress to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+DEFAULT_MODELS = ("spikformer_cifar_4_384", "sdt_cifar_2_512", "lif")
+BACKENDS = ("spikingjelly", "torch")
+LIF_FEATURES = ((64, 384), (64, 1536), (48, 32, 32))  # per-sample shapes after [T, B]
+COLUMNS = ("model", "backend", "T", "batch", "ms_per_step", "peak_mb", "first_call_s")
+
+
+# --- memory -----------------------------------------------------------------------------------
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def _glibc():
+    """ctypes handle on glibc (for mallopt), or None elsewhere."""
+    if not sys.platform.startswith("linux") or not os.path.exists("/proc/self/clear_refs"):
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+def _proc_status_mb(key):
+    """VmRSS (current) or VmHWM (peak) of this process from /proc/self/status, in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+class CpuMemory:
+    """Peak RSS added by a step (see the module docstring). Create it before any tensor."""
+
+    def __init__(self):
+        self.libc = _glibc()
+        self.method = "rss" if self.libc else "ru_maxrss"
+        if self.libc:
+            # Every block >= 64 KiB gets its own mmap and goes back to the OS when freed, so RSS
+            # follows the live tensors instead of what malloc keeps around.
+            self.libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+
+    def start(self):
+        if self.libc:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
+            self.base = _proc_status_mb("VmRSS")
+        elif not hasattr(self, "base"):  # the peak cannot be reset: count from the first step
+            self.base = self._maxrss_mb()
+
+    def peak(self):
+        return (_proc_status_mb("VmHWM") if self.libc else self._maxrss_mb()) - self.base
+
+    def done(self):
+        """For the timing: blocks < 32 MiB reused from the heap, as glibc ends up doing itself."""
+        if self.libc:
+            self.libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024**2)
+            self.libc.mallopt(M_TRIM_THRESHOLD, 64 * 1024**2)
+
+    @staticmethod
+    def _maxrss_mb():  # high-water mark since process start; KB on Linux, bytes on macOS
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 1024**2 if sys.platform == "darwin" else rss / 1024
+
+
+class CudaMemory:
+    method = "cuda_max_memory_allocated"
+
+    def __init__(self, torch):
+        self.cuda = torch.cuda
+
+    def start(self):
+        self.cuda.synchronize()
+        self.cuda.reset_peak_memory_stats()
+        self.base = self.cuda.memory_allocated()
+
+    def peak(self):
+        self.cuda.synchronize()
+        return (self.cuda.max_memory_allocated() - self.base) / 1024**2
+
+    def done(self):
+        pass
+
+
+# --- one configuration (runs in a worker subprocess) ------------------------------------------
+
+
+def make_model_step(torch, name, backend, args, device):
+    import timm
+
+    import spikeformers  # noqa: F401  (registers the models with timm)
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, backend=backend, T=args.T).to(device).train()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, *model.pretrained_cfg["input_size"], generator=gen).to(device)
+    y = torch.randint(0, model.num_classes, (args.batch,), generator=gen).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def make_lif_step(torch, features, backend, args, device):
+    from spikeformers.models.neurons import LIF
+
+    lif = LIF(backend=backend)
+    shape = (args.T, args.batch, *features)
+    gen = torch.Generator().manual_seed(0)
+    x = (2 * torch.randn(shape, generator=gen)).to(device).requires_grad_()
+    grad_out = torch.randn(shape, generator=gen).to(device)
+
+    def step():
+        x.grad = None
+        lif(x).backward(grad_out)
+
+    return step
+
+
+def run_worker(args):
+    """Measure one configuration and print its record as one JSON line on stdout."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    memory = CudaMemory(torch) if device.type == "cuda" else CpuMemory()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    kind, name, backend = args.worker
+    if kind == "lif":
+        features = tuple(int(d) for d in name.split("x"))
+        step = make_lif_step(torch, features, backend, args, device)
+        label = "lif[" + "x".join(str(d) for d in (args.T, args.batch, *features)) + "]"
+    else:
+        step = make_model_step(torch, name, backend, args, device)
+        label = name
+
+    def timed_step():
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        return time.perf_counter() - t0
+
+    memory.start()
+    first_call_s = timed_step()  # includes torch.compile (torch backend), lazy imports, ...
+    first_call_mb = memory.peak()
+    memory.start()
+    step()  # second warm-up step: the steady-state memory
+    peak_mb = memory.peak()
+    memory.done()
+    for _ in range(args.warmup - 2):
+        step()
+    times = [timed_step() for _ in range(args.iters)]
+    record = dict(
+        model=label, backend=backend, T=args.T, batch=args.batch,
+        ms_per_step=round(1000 * statistics.median(times), 2),
+        peak_mb=round(peak_mb, 1),
+        first_call_s=round(first_call_s, 2),
+        first_call_peak_mb=round(first_call_mb, 1),
+        ms_all=[round(1000 * t, 2) for t in times],
+        device=args.device, threads=torch.get_num_threads(), mem_method=memory.method,
+        loadavg_1m=round(os.getloadavg()[0], 2),  # other processes on the machine skew timings
+    )
+    print(json.dumps(record))
+
+
+# --- driver -----------------------------------------------------------------------------------
+
+
+def configurations(models):
+    """(kind, name, backend) triples: per model (or LIF shape) both backends, consecutively."""
+    for model in models:
+        if model == "lif":
+            for features in LIF_FEATURES:
+                for backend in BACKENDS:
+                    yield "lif", "x".join(map(str, features)), backend
+        else:
+            for backend in BACKENDS:
+                yield "model", model, backend
+
+
+def run_config(config, args):
+    cmd = [sys.executable, "-P", os.path.abspath(__file__), "--worker", *config,
+           "--batch", str(args.batch), "--T", str(args.T), "--iters", str(args.iters),
+           "--warmup", str(args.warmup), "--device", args.device]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        print(f"FAILED {' '.join(config[1:])}:\n{tail}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def markdown(records):
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in records]
+    by_key = {(r["model"], r["backend"]): r for r in records}
+    lines.append("")
+    for model in dict.fromkeys(r["model"] for r in records):
+        sj, ours = by_key.get((model, "spikingjelly")), by_key.get((model, "torch"))
+        if sj and ours:
+            speedup = sj["ms_per_step"] / ours["ms_per_step"]
+            lines.append(f"speedup (spikingjelly/torch) {model}: {speedup:.2f}x")
+    return "\n".join(lines)
+
+
+def write_json(path, records):
+    """Atomic: a temp file in the target's directory, then os.replace."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".bench_", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(records, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                        help="comma list of timm model names; 'lif' adds the neuron-only rows "
+                             "(default: %(default)s)")
+    parser.add_argument("--iters", type=int, default=10, help="timed steps (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed steps before them (min 2): the first call (first_call_s), "
+                             "the memory step, then plain ones (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--T", type=int, default=4, help="time steps")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's default)")
+    parser.add_argument("--json", metavar="FILE", help="also write the records as a JSON list")
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)  # internal: one config
+    args = parser.parse_args(argv)
+
+    for flag in ("iters", "batch", "T", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag} must be >= 1, got {value}")
+    if args.warmup < 2:
+        parser.error(f"--warmup must be >= 2 (the first call compiles), got {args.warmup}")
+    if args.worker:
+        return run_worker(args)
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        parser.error(f"--json {args.json}: no such directory")
+
+    import timm
+    import torch
+
+    import spikeformers  # noqa: F401
+
+    ours = [n for n in timm.list_models()
+            if timm.models.model_entrypoint(n).__module__.startswith("spikeformers.")]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
+        parser.error("--models is empty")
+    for m in models:
+        if m != "lif" and m not in ours:
+            parser.error(f"unknown model {m!r}; expected 'lif' or a spikeformers model "
+                         f"such as {', '.join(DEFAULT_MODELS[:2])}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch.cuda.is_available() is False")
+
+    records, failed = [], False
+    for config in configurations(models):
+        kind, name, backend = config
+        label = f"lif[{name}]" if kind == "lif" else name
+        print(f"running {label} / {backend} ...", file=sys.stderr, flush=True)
+        record = run_config(config, args)
+        failed |= record is None
+        if record:
+            records.append(record)
+    print(markdown(records))
+    if args.json:
+        write_json(args.json, records)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
