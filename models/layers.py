@@ -12,7 +12,7 @@ import re
 import torch
 from torch import nn
 
-__all__ = ["seq", "time_sequence", "checkpoint_filter_fn", "count_params"]
+__all__ = ["seq", "time_sequence", "checkpoint_filter_fn", "count_params", "SpikingClassifier"]
 
 
 def seq(x: torch.Tensor, *modules: nn.Module) -> torch.Tensor:
@@ -52,6 +52,35 @@ def time_sequence(
             f"got {height}x{width}"
         )
     return x
+
+
+class SpikingClassifier(nn.Module):
+    """The timm model API shared by the families: classifier access, parameter groups for
+    layer-wise LR decay, weight-decay exclusions. Subclasses define ``head``, ``embed_dim``,
+    ``block`` (a ModuleList) and a ``patch_embed`` stem."""
+
+    stem_regex = r"^patch_embed"
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=self.stem_regex, blocks=r"^block\.(\d+)")
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            raise NotImplementedError(f"gradient checkpointing is not supported by {type(self).__name__} yet")
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
 
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module | None = None) -> dict:

@@ -28,7 +28,7 @@ from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from spikeformers.models.layers import checkpoint_filter_fn, seq, time_sequence
+from spikeformers.models.layers import SpikingClassifier, checkpoint_filter_fn, seq, time_sequence
 from spikeformers.models.neurons import LIF
 
 __all__ = ["Spikformer"]
@@ -200,7 +200,7 @@ class SpikingPatchSplitting(nn.Module):
         return x + x_feat
 
 
-class Spikformer(nn.Module):
+class Spikformer(SpikingClassifier):
     """Spikformer backbone + linear head. Input: images [B, C, H, W] (repeated over ``T``) or
     sequences [T, B, C, H, W]. Output: logits [B, K] averaged over time, or per-step [T, B, K]
     with ``per_step_logits=True`` (TET loss)."""
@@ -265,27 +265,12 @@ class Spikformer(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
-    # --- timm model API ---
+    # --- timm model API (the rest comes from SpikingClassifier) ---
+    stem_regex = r"^pos_embed|^patch_embed"
+
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed"} if self.kind == "dvs" else set()
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^pos_embed|^patch_embed", blocks=r"^block\.(\d+)")
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            raise NotImplementedError("gradient checkpointing is not supported by Spikformer yet")
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Input → block stream: [T, B, N, D] (cifar) or [T, B, D, H', W'] / [T, B, D, N]."""

@@ -311,3 +311,18 @@ def test_neurons_add_no_state():
     lifs = [m for m in model.modules() if isinstance(m, LIF)]
     assert len(lifs) == 4 + 2 * (5 + 2) + 1  # patch embed, 2 blocks × (shortcut, q, k, v, th | fc1, fc2), head
     assert not any(k.endswith(".v") for k in model.state_dict())
+
+
+def test_timm_optimizer_api_layer_decay_and_no_weight_decay():
+    from timm.optim import create_optimizer_v2
+
+    dvs = timm.create_model("spikformer_cifar10dvs_2_256")
+    assert dvs.no_weight_decay() == {"pos_embed"}
+    groups = create_optimizer_v2(dvs, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5).param_groups
+    scales = sorted({g["lr_scale"] for g in groups})
+    assert len(scales) == 4  # stem, block 0, block 1, head+norm: 0.5**3 ... 1
+    assert scales[0] == pytest.approx(0.125) and scales[-1] == 1.0
+    pos = [g for g in groups if any(p is dvs.pos_embed for p in g["params"])][0]
+    assert pos["weight_decay"] == 0.0
+    with pytest.raises(NotImplementedError, match="gradient checkpointing is not supported by Spikformer"):
+        dvs.set_grad_checkpointing(True)
