@@ -5,3 +5,4 @@ Importing the package registers every architecture with timm, so
 """
 
 from spikeformers import models  # noqa: F401  (registers the timm entrypoints)
+from spikeformers.models import hub  # noqa: F401  (spikeformers.hub: pretrained weights)

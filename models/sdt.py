@@ -17,9 +17,10 @@ from functools import partial
 
 import torch
 from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
+from spikeformers.models import hub
 from spikeformers.models.layers import SpikingClassifier, checkpoint_filter_fn, seq, time_sequence
 from spikeformers.models.neurons import LIF
 
@@ -224,9 +225,7 @@ class SpikeDrivenTransformer(SpikingClassifier):
 
 
 def _create_sdt(model_name: str, pretrained: bool = False, **kwargs) -> SpikeDrivenTransformer:
-    return build_model_with_cfg(
-        SpikeDrivenTransformer, model_name, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
-    )
+    return hub.build_model(SpikeDrivenTransformer, model_name, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict:
@@ -259,16 +258,16 @@ def _dvs_cfg(size: int, num_classes: int) -> dict:
 
 default_cfgs = generate_default_cfgs(
     {
-        "sdt_tiny": _cifar_cfg(),
+        "sdt_tiny.digits": _cfg(**hub.timm_cfg("sdt_tiny.digits", crop_pct=1.0, mean=(0.5,), std=(0.5,))),
         "sdt_cifar_2_256": _cifar_cfg(),
         "sdt_cifar_2_512": _cifar_cfg(),
         "sdt_cifar10dvs_2_256": _dvs_cfg(64, 10),
         "sdt_gesture_2_256": _dvs_cfg(128, 11),
-        "sdt_imagenet_8_384": _cfg(),
-        "sdt_imagenet_6_512": _cfg(),
-        "sdt_imagenet_8_512": _cfg(),
-        "sdt_imagenet_10_512": _cfg(),
-        "sdt_imagenet_8_768": _cfg(),
+        "sdt_imagenet_8_384.in1k": _cfg(**hub.timm_cfg("sdt_imagenet_8_384.in1k")),
+        "sdt_imagenet_6_512.in1k": _cfg(**hub.timm_cfg("sdt_imagenet_6_512.in1k")),
+        "sdt_imagenet_8_512.in1k": _cfg(**hub.timm_cfg("sdt_imagenet_8_512.in1k")),
+        "sdt_imagenet_10_512.in1k": _cfg(**hub.timm_cfg("sdt_imagenet_10_512.in1k")),
+        "sdt_imagenet_8_768.in1k": _cfg(**hub.timm_cfg("sdt_imagenet_8_768.in1k")),
     }
 )
 

@@ -25,9 +25,10 @@ from functools import partial
 
 import torch
 from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
+from spikeformers.models import hub
 from spikeformers.models.layers import SpikingClassifier, checkpoint_filter_fn, seq, time_sequence
 from spikeformers.models.neurons import LIF
 
@@ -297,9 +298,7 @@ class Spikformer(SpikingClassifier):
 
 
 def _create_spikformer(model_name: str, pretrained: bool = False, **kwargs) -> Spikformer:
-    return build_model_with_cfg(
-        Spikformer, model_name, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
-    )
+    return hub.build_model(Spikformer, model_name, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 _CIFAR10_MEAN, _CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -328,7 +327,7 @@ def _cifar_cfg(**kwargs) -> dict:
 
 default_cfgs = generate_default_cfgs(
     {
-        "spikformer_tiny": _cifar_cfg(),
+        "spikformer_tiny.digits": _cfg(**hub.timm_cfg("spikformer_tiny.digits", crop_pct=1.0, mean=(0.5,), std=(0.5,))),
         "spikformer_cifar_4_384": _cifar_cfg(),
         "spikformer_cifar_4_256": _cifar_cfg(),
         "spikformer_cifar_2_384": _cifar_cfg(),

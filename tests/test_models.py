@@ -185,7 +185,7 @@ def _spike_outputs(model, x):
 @pytest.mark.parametrize("name", TINY + ["sdt_cifar_2_512"])
 def test_forward_backward_binary_and_deterministic(name):
     model = timm.create_model(name).train()
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, model.in_chans, 32, 32)
     logits = model(x)
     assert logits.shape == (2, 10) and torch.isfinite(logits).all()
     F.cross_entropy(logits, torch.tensor([1, 2])).backward()
@@ -201,7 +201,7 @@ def test_forward_backward_binary_and_deterministic(name):
 @pytest.mark.parametrize("name", TINY)
 def test_backends_give_identical_logits(name):
     model = timm.create_model(name).train()
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 1, 32, 32)  # tiny models take 1-channel digits
     grads = {}
     for backend in ("torch", "spikingjelly"):
         set_backend(model, backend)
@@ -217,8 +217,8 @@ def test_backends_give_identical_logits(name):
 @pytest.mark.parametrize(
     "name,shape,tokens",
     [
-        ("spikformer_tiny", (3, 32, 32), 64),
-        ("sdt_tiny", (3, 32, 32), 64),
+        ("spikformer_tiny", (1, 32, 32), 64),
+        ("sdt_tiny", (1, 32, 32), 64),
         ("spikformer_cifar10dvs_2_256", (2, 128, 128), 64),
         ("sdt_cifar10dvs_2_256", (2, 64, 64), 256),
         ("sdt_gesture_2_256", (2, 128, 128), 256),
@@ -243,7 +243,7 @@ def test_imagenet_token_grid():
 
 def test_patch_embed_outputs():
     # Spikformer SPS adds RPE spikes to spikes ({0,1,2}); SDT MS_SPS returns real values.
-    x = torch.randn(2, 2, 3, 32, 32)
+    x = torch.randn(2, 2, 1, 32, 32)
     sf = timm.create_model("spikformer_tiny").train()
     assert set(sf.patch_embed(x).unique().tolist()) <= {0.0, 1.0, 2.0}
     sdt = timm.create_model("sdt_tiny").train()
@@ -252,7 +252,7 @@ def test_patch_embed_outputs():
 
 
 def test_per_step_logits_average_to_logits():
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 1, 32, 32)
     for name in TINY:
         model = timm.create_model(name, T=3).eval()
         logits = model(x)
@@ -264,11 +264,11 @@ def test_per_step_logits_average_to_logits():
 
 def test_sequence_input_uses_its_own_time_steps():
     model = timm.create_model("sdt_tiny", T=4, per_step_logits=True).eval()
-    assert model(torch.randn(6, 2, 3, 32, 32)).shape == (6, 2, 10)
+    assert model(torch.randn(6, 2, 1, 32, 32)).shape == (6, 2, 10)
 
 
 def test_head_averages_as_specified():
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 1, 32, 32)
     sf = timm.create_model("spikformer_tiny").eval()
     feats = sf.forward_features(x)  # [T, B, N, D]
     torch.testing.assert_close(sf(x), sf.head(feats.mean(2).mean(0)))
@@ -283,10 +283,10 @@ def test_bad_input_errors(name):
     model = timm.create_model(name)
     with pytest.raises(ValueError, match=r"got a 3-D tensor of shape \(3, 32, 32\)"):
         model(torch.randn(3, 32, 32))
-    with pytest.raises(ValueError, match="expects 3 input channels, got 1"):
-        model(torch.randn(2, 1, 32, 32))
+    with pytest.raises(ValueError, match="expects 1 input channels, got 3"):
+        model(torch.randn(2, 3, 32, 32))
     with pytest.raises(ValueError, match="multiples of 4.*got 30x30"):
-        model(torch.randn(2, 3, 30, 30))
+        model(torch.randn(2, 1, 30, 30))
 
 
 def test_registry_and_timm_api(reference):
@@ -299,7 +299,7 @@ def test_registry_and_timm_api(reference):
     model.reset_classifier(5)
     assert model.get_classifier().out_features == 5
     features = timm.create_model("spikformer_tiny", num_classes=0)
-    assert features(torch.randn(2, 3, 32, 32)).shape == (2, 64)
+    assert features(torch.randn(2, 1, 32, 32)).shape == (2, 64)
     with pytest.raises(ValueError, match="unknown Spikformer kind"):
         Spikformer(kind="svhn")
     with pytest.raises(ValueError, match="pooling_stat"):

@@ -315,8 +315,9 @@ def test_experiment_presets_compose(make_cfg, name):
 
     cfg = make_cfg(f"experiment={name}")
     assert timm.is_model(cfg.model.name)
-    assert cfg.sched.step_on_epochs and cfg.sched.cooldown_epochs == 10  # per-epoch LR, epochs + 10 cooldown
     assert cfg.data.smoothing == 0.1
+    if not name.startswith("finetune_"):  # paper recipes: per-epoch LR, epochs + 10 cooldown
+        assert cfg.sched.step_on_epochs and cfg.sched.cooldown_epochs == 10
 
 
 def test_recipe_values_follow_the_spec(make_cfg):
@@ -404,3 +405,66 @@ def test_channels_last_and_bf16_autocast_options(make_cfg):
                    "trainer.channels_last=true", "trainer.amp=true", "trainer.grad_clip=1.0", "sched.warmup_epochs=0")
     result = train(cfg)
     assert result["best_epoch"] == 0 and result["final_top1"] is not None
+
+
+# --- fine-tuning -------------------------------------------------------------------------------
+
+
+def _write_learnable_cifar(root: Path, n_train: int = 160, n_test: int = 40):
+    """CIFAR-10 pickles whose class is the image's dominant colour channel and brightness."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    def batch(n):
+        labels = [i % 10 for i in range(n)]
+        images = rng.integers(0, 40, (n, 3, 32, 32))
+        for i, y in enumerate(labels):
+            images[i, y % 3] += 60 + 18 * y
+        return {b"data": images.clip(0, 255).astype(np.uint8).reshape(n, 3072), b"labels": labels}
+
+    for i in range(1, 6):
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump(batch(n_train // 5), f)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump(batch(n_test), f)
+
+
+def test_finetune_digits_checkpoint_on_cifar_format_data(make_cfg, tmp_path):
+    _write_learnable_cifar(tmp_path / "data")
+    cfg = make_cfg("experiment=finetune_cifar10", f"data.root={tmp_path / 'data'}", "data.num_workers=0",
+                   "data.batch_size=32", "trainer.epochs=6", "sched.warmup_epochs=0", "data.eval_batch_size=40",
+                   "optim.lr=3e-3")
+    train(cfg)
+    rows = list(csv.DictReader(open(Path(cfg.output_dir) / "metrics.csv")))
+    losses = [float(r["train_loss"]) for r in rows]
+    assert losses[-1] < losses[0] - 0.1, losses
+    state = torch.load(Path(cfg.output_dir) / "checkpoints" / "last.pt", weights_only=True)
+    assert state["model"]["head.weight"].shape == (10, 64)
+    assert state["model"]["patch_embed.proj_conv.weight"].shape[1] == 3  # adapted from the 1-channel digits conv
+
+
+def test_init_from_own_checkpoint_keeps_matching_head(make_cfg, tmp_path):
+    from spikeformers.train.main import build_model
+
+    cfg = make_cfg(*SMALL)
+    train(cfg)
+    last = Path(cfg.output_dir) / "checkpoints" / "last.pt"
+    again = make_cfg(*SMALL, f"model.checkpoint={last}")
+    _, _, info = build_datasets(again.data)
+    model = build_model(again.model, info)
+    saved = torch.load(last, weights_only=True)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+
+def test_freeze_backbone_trains_only_the_head(make_cfg):
+    cfg = make_cfg(*SMALL, "trainer.freeze_backbone=true", "trainer.epochs=1", "sched.warmup_epochs=0")
+    from spikeformers.train.main import build_model
+
+    torch.manual_seed(cfg.seed)
+    _, _, info = build_datasets(cfg.data)
+    before = build_model(cfg.model, info).state_dict()
+    train(cfg)
+    after = torch.load(Path(cfg.output_dir) / "checkpoints" / "last.pt", weights_only=True)["model"]
+    changed = {k for k in after if k.endswith("weight") and not torch.equal(after[k], before[k])}
+    assert changed == {"head.weight"}

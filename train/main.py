@@ -114,11 +114,32 @@ def build_model(model_cfg: DictConfig, info: DataInfo) -> torch.nn.Module:
                          f"{'event-frame sequences' if info.sequence else 'static images'}")
     kwargs = dict(OmegaConf.to_container(model_cfg.args, resolve=True)) if model_cfg.args else {}
     kwargs.update(num_classes=info.num_classes, in_chans=info.in_chans, T=model_cfg.T, backend=model_cfg.backend)
-    model = timm.create_model(name, pretrained=model_cfg.pretrained, **kwargs)
+    pretrained = bool(model_cfg.pretrained)
+    if model_cfg.get("checkpoint"):
+        # Initialise from a file (our checkpoint, safetensors, converted official weights). timm then
+        # adapts the first conv to in_chans and re-initialises the head if num_classes differs.
+        kwargs["pretrained_cfg_overlay"] = _file_overlay(model_cfg.checkpoint)
+        pretrained = True
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
     if info.img_size % model.size_multiple:
         raise ValueError(f"model {name} needs image sizes that are multiples of {model.size_multiple}, "
                          f"data={info.name} gives {info.img_size}")
     return model
+
+
+def _file_overlay(path: str) -> dict:
+    """timm ``pretrained_cfg_overlay`` for a local weights file, with its own class/channel count
+    (so a head that already fits the data is kept rather than re-initialised)."""
+    from spikeformers.models.hub import load_weights
+    from spikeformers.models.layers import checkpoint_filter_fn
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model.checkpoint not found: {path}")
+    state = checkpoint_filter_fn(load_weights(path))
+    if "head.weight" not in state or "patch_embed.proj_conv.weight" not in state:
+        raise ValueError(f"model.checkpoint {path} is not a spikeformers/official model state (no head.weight)")
+    chans = state["patch_embed.proj_conv.weight"].shape[1]
+    return dict(file=str(path), url="", num_classes=state["head.weight"].shape[0], input_size=(chans, 32, 32))
 
 
 def tet_loss(per_step_logits: torch.Tensor, target: torch.Tensor, lam: float, phi: float, criterion) -> torch.Tensor:
@@ -158,9 +179,12 @@ def train(cfg: DictConfig) -> dict:
     if tcfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, tcfg.max_steps_per_epoch)
 
+    if tcfg.freeze_backbone:  # fine-tuning: train only the classifier
+        for pname, param in raw_model.named_parameters():
+            param.requires_grad = pname.startswith("head.")
     optimizer = create_optimizer_v2(
         raw_model, opt=cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-        **OmegaConf.to_container(cfg.optim.kwargs, resolve=True),
+        layer_decay=cfg.optim.layer_decay, **OmegaConf.to_container(cfg.optim.kwargs, resolve=True),
     )
     scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=cfg.sched.name, num_epochs=tcfg.epochs, warmup_epochs=cfg.sched.warmup_epochs,

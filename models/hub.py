@@ -1,0 +1,313 @@
+"""Pretrained weights: a registry with full sha256 hashes, verified downloads, safe loading.
+
+Guarantees (docs/pretrained.md):
+
+- Bytes are verified against the registry's sha256 **before** they are used, on every use; a
+  cached or packaged file that does not match is never loaded.
+- Downloads go to ``<cache>/<file>.part``, resume with an HTTP Range request when possible, and are
+  renamed onto ``<cache>/<file>`` only after the hash matched. A mismatch deletes the partial file
+  and raises :class:`HashMismatchError` with the expected and actual hash.
+- A file lock (``<file>.lock``) serialises concurrent downloads of the same file across processes.
+- Offline mode (``SPIKEFORMERS_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``) never touches the network.
+- Loading is safe: safetensors, or ``torch.load(weights_only=True)`` for ``.pth``.
+
+Cache folder: ``SPIKEFORMERS_CACHE``, else ``$TORCH_HOME/spikeformers``, else
+``$XDG_CACHE_HOME/torch/spikeformers``, else ``~/.cache/torch/spikeformers``. A mirror
+(``SPIKEFORMERS_MIRROR=https://host/path/``) replaces the origin of every download URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+import logging
+import os
+import shutil
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "Weights", "REGISTRY", "HashMismatchError", "OfflineError", "cache_dir", "sha256_of", "fetch", "download",
+    "load_weights", "resolve", "is_offline",
+]
+
+_logger = logging.getLogger(__name__)
+_CHUNK = 1 << 20
+
+
+class HashMismatchError(RuntimeError):
+    """The bytes on disk are not the registered ones."""
+
+
+class OfflineError(FileNotFoundError):
+    """Offline mode and the file is not in the cache."""
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One pretrained checkpoint. ``file`` is a file name inside the package's ``weights/``
+    folder (shipped with the package) or empty; ``url`` is where to download it; ``sha256`` is the
+    full hash of the file, or empty while nobody has converted the official file yet."""
+
+    name: str  # "<architecture>.<tag>", e.g. "sdt_tiny.digits"
+    filename: str
+    sha256: str
+    dataset: str
+    T: int
+    top1: float | None
+    source: str
+    url: str = ""
+    packaged: bool = False
+    num_classes: int = 10
+    input_size: tuple[int, int, int] = (3, 32, 32)
+    notes: str = ""
+
+    def record(self) -> dict:
+        """The ``spikeformers-hub list --json`` record."""
+        where = self.url or (f"package:spikeformers.models/weights/{self.filename}" if self.packaged else "")
+        return {"name": self.name, "url_or_file": where, "sha256": self.sha256 or None, "dataset": self.dataset,
+                "T": self.T, "top1": self.top1, "source": self.source}
+
+
+_SDT_DRIVE = "https://drive.google.com/file/d/{}/view?usp=sharing"
+_SDT_SOURCE = "official Spike-driven Transformer release (github.com/BICLab/Spike-Driven-Transformer README)"
+_CONVERT_NOTE = ("official file: download it from the url, then `spikeformers-hub convert FILE --model {arch}` "
+                 "and load the result with pretrained_cfg_overlay=dict(file=...); sha256 is recorded by the first "
+                 "conversion")
+
+REGISTRY: dict[str, Weights] = {
+    w.name: w
+    for w in [
+        Weights("sdt_tiny.digits", "sdt_tiny.digits.safetensors",
+                "4a18b5cf41bf82b2197e320490b16dabc1fdd19f0606dbbc48c68172258add7e",
+                "digits (sklearn load_digits, 32x32, 1 channel)", 4, 99.17,
+                "spikeformers-train defaults (docs/training.md)", packaged=True, input_size=(1, 32, 32)),
+        Weights("spikformer_tiny.digits", "spikformer_tiny.digits.safetensors",
+                "efe27b41c5a0ceba03e5253d0301f6a4e7ccd52bc522fac1b06d7d5de6c288d6",
+                "digits (sklearn load_digits, 32x32, 1 channel)", 4, 97.78,
+                "spikeformers-train model=spikformer_tiny (docs/training.md)", packaged=True, input_size=(1, 32, 32)),
+        *[
+            Weights(f"sdt_imagenet_{arch}.in1k", f"sdt_imagenet_{arch}.in1k.safetensors", "", "ImageNet-1k", 4, top1,
+                    _SDT_SOURCE, url=_SDT_DRIVE.format(drive_id), num_classes=1000, input_size=(3, 224, 224),
+                    notes=_CONVERT_NOTE.format(arch=f"sdt_imagenet_{arch}"))
+            for arch, top1, drive_id in [
+                ("8_384", 72.28, "10oH_zkwB4FDtFLgmZ_lI8e0tFjRzrXyD"),
+                ("6_512", 74.11, "1hsShpFBKYpMK2TmpuoyBFORcLAuMHrx7"),
+                ("8_512", 74.57, "1n59WNSBgP2VyAW2nfJX2Wvx5rgNJEMXI"),
+                ("10_512", 74.66, "1l-c3QY5r4IFmYUmGPZXRHP_W7iC1sdP8"),
+                ("8_768", 77.07, "1R-MaeFV8d2Y0pIGBSjklOGWhaF8dLHf4"),
+            ]
+        ],
+    ]
+}
+
+
+# --- paths and environment ----------------------------------------------------------------------
+
+
+def is_offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("SPIKEFORMERS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def cache_dir() -> Path:
+    if os.environ.get("SPIKEFORMERS_CACHE"):
+        return Path(os.environ["SPIKEFORMERS_CACHE"]).expanduser()
+    if os.environ.get("TORCH_HOME"):
+        return Path(os.environ["TORCH_HOME"]).expanduser() / "spikeformers"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "torch" / "spikeformers"
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _packaged_path(filename: str) -> Path | None:
+    candidate = importlib.resources.files("spikeformers.models").joinpath("weights", filename)
+    return Path(str(candidate)) if candidate.is_file() else None
+
+
+def _mirrored(url: str, filename: str) -> str:
+    mirror = os.environ.get("SPIKEFORMERS_MIRROR")
+    return f"{mirror.rstrip('/')}/{filename}" if mirror else url
+
+
+# --- download ------------------------------------------------------------------------------------
+
+
+def download(url: str, dest: str | Path, sha256: str, progress: bool | None = None, retries: int = 2,
+             timeout: float = 30.0) -> Path:
+    """Download ``url`` to ``dest`` with resume, lock and sha256 check; returns ``dest``.
+
+    An existing ``dest`` whose hash matches is a cache hit (no network). ``sha256`` is required:
+    unverified bytes are never moved into place.
+    """
+    from filelock import FileLock
+
+    if not sha256:
+        raise ValueError(f"refusing to download {url} without a sha256 to verify it against")
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest) + ".lock"):
+        if dest.exists():
+            if sha256_of(dest) == sha256:
+                return dest
+            _logger.warning("cached %s does not match its sha256; downloading it again", dest)
+            dest.unlink()
+        if is_offline():
+            raise OfflineError(f"offline mode (SPIKEFORMERS_OFFLINE/HF_HUB_OFFLINE): {dest.name} is not in the cache {dest.parent}")
+        part = dest.with_name(dest.name + ".part")
+        last_error: Exception | None = None
+        for _ in range(retries + 1):
+            try:
+                _fetch_into(url, part, progress, timeout)
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError, _Truncated) as err:
+                last_error = err  # retry; the next attempt resumes from the partial file
+        else:
+            raise ConnectionError(f"could not download {url} after {retries + 1} attempts: {last_error}") from last_error
+        actual = sha256_of(part)
+        if actual != sha256:
+            part.unlink()
+            raise HashMismatchError(f"sha256 mismatch for {url}: expected {sha256}, got {actual}; the download was deleted")
+        os.replace(part, dest)
+    return dest
+
+
+class _Truncated(ConnectionError):
+    pass
+
+
+def _fetch_into(url: str, part: Path, progress: bool | None, timeout: float) -> None:
+    """Append the rest of ``url`` to ``part`` (Range request when ``part`` has bytes)."""
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        if have and response.status != 206:  # the server ignored the Range: start over
+            have = 0
+        length = response.headers.get("Content-Length")
+        expected = have + int(length) if length is not None else None
+        from tqdm import tqdm
+
+        show = sys.stderr.isatty() if progress is None else progress
+        with open(part, "ab" if have else "wb") as f, tqdm(total=expected, initial=have, unit="B", unit_scale=True,
+                                                           desc=part.name[:-5], disable=not show) as bar:
+            for chunk in iter(lambda: response.read(_CHUNK), b""):
+                f.write(chunk)
+                bar.update(len(chunk))
+    if expected is not None and part.stat().st_size != expected:
+        raise _Truncated(f"truncated transfer of {url}: {part.stat().st_size} of {expected} bytes")
+
+
+# --- registry access ----------------------------------------------------------------------------
+
+
+def resolve(name: str) -> Weights:
+    if name not in REGISTRY:
+        raise KeyError(f"no pretrained weights named {name!r}; available: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def fetch(name: str, progress: bool | None = None) -> Path:
+    """A verified local path for the registered weights ``name`` (package, cache or download)."""
+    weights = resolve(name)
+    if not weights.sha256 and name in _local_registry():
+        weights = replace(weights, sha256=_local_registry()[name])  # recorded by `convert --register`
+    if not weights.sha256:
+        raise FileNotFoundError(f"{name}: no verified file is registered yet. {weights.notes} "
+                                f"(source: {weights.url or weights.source})")
+    mirror = os.environ.get("SPIKEFORMERS_MIRROR")
+    packaged = _packaged_path(weights.filename) if weights.packaged and not mirror else None
+    if packaged is not None:
+        actual = sha256_of(packaged)
+        if actual != weights.sha256:
+            raise HashMismatchError(f"packaged {packaged.name}: expected sha256 {weights.sha256}, got {actual}")
+        return packaged
+    cached = cache_dir() / weights.filename
+    url = _mirrored(weights.url, weights.filename)
+    if not url:
+        if cached.exists() and sha256_of(cached) == weights.sha256:
+            return cached
+        raise FileNotFoundError(f"{name}: not packaged, not cached in {cache_dir()}, and no url to download it from")
+    return download(url, cached, weights.sha256, progress=progress)
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Safe loading: safetensors, or ``torch.load(weights_only=True)`` for anything else."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def registry_json() -> str:
+    return json.dumps([w.record() for w in REGISTRY.values()], indent=2)
+
+
+def _local_registry() -> dict[str, str]:
+    """name -> sha256 of files this machine converted itself (``<cache>/local_registry.json``)."""
+    path = cache_dir() / "local_registry.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def register_local(name: str, path: str | Path) -> Path:
+    """Copy a converted file into the cache under the registry's file name and record its hash,
+    so ``pretrained=True`` finds it; returns the cached path."""
+    from spikeformers.train.checkpoint import atomic_write
+
+    weights = resolve(name)
+    dest = cache_dir() / weights.filename
+    atomic_write(dest, lambda tmp: shutil.copyfile(path, tmp))
+    entries = _local_registry() | {name: sha256_of(dest)}
+    atomic_write(cache_dir() / "local_registry.json", lambda tmp: tmp.write_text(json.dumps(entries, indent=2) + "\n"))
+    return dest
+
+
+# --- timm integration ---------------------------------------------------------------------------
+
+HUB_SCHEME = "spikeformers-hub://"
+
+
+def timm_cfg(name: str, **kwargs) -> dict:
+    """Fields for a ``default_cfgs`` entry whose weights live in this registry. The url is a
+    marker: :func:`build_model` replaces it with the verified local file before timm loads it."""
+    w = resolve(name)
+    return dict(url=HUB_SCHEME + name, num_classes=w.num_classes, input_size=w.input_size,
+                notes=f"sha256={w.sha256 or 'unregistered'}; {w.source}", **kwargs)
+
+
+def build_model(model_cls, model_name: str, pretrained: bool, filter_fn, **kwargs):
+    """``timm.models.build_model_with_cfg`` that loads only verified weights.
+
+    With ``pretrained=True`` and a registry-backed cfg, the weights are fetched (package, cache or
+    download) and handed to timm as a local file; timm then filters them, adapts the first conv to
+    ``in_chans`` and drops the head when ``num_classes`` differs. A user's own
+    ``pretrained_cfg_overlay=dict(file=...)`` is loaded as given.
+    """
+    from dataclasses import replace
+
+    from timm.models import build_model_with_cfg
+    from timm.models._builder import resolve_pretrained_cfg
+
+    if pretrained:
+        cfg = resolve_pretrained_cfg(model_name, pretrained_cfg=kwargs.pop("pretrained_cfg", None),
+                                     pretrained_cfg_overlay=kwargs.pop("pretrained_cfg_overlay", None))
+        if not cfg.file and not cfg.state_dict and (cfg.url or "").startswith(HUB_SCHEME):
+            path = fetch(cfg.url[len(HUB_SCHEME):])
+            cfg = replace(cfg, file=str(path), url="")
+        elif not (cfg.file or cfg.state_dict or cfg.url or cfg.hf_hub_id):
+            raise FileNotFoundError(f"{model_name} has no pretrained weights; available: {', '.join(sorted(REGISTRY))}")
+        kwargs["pretrained_cfg"] = cfg
+    return build_model_with_cfg(model_cls, model_name, pretrained, pretrained_filter_fn=filter_fn, **kwargs)
