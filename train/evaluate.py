@@ -46,15 +46,37 @@ def to_model_input(images: torch.Tensor, info: DataInfo, device: torch.device) -
 
 
 class FiringRate:
-    """Mean firing rate over every LIF output (spikes / neuron-steps), via forward hooks."""
+    """Firing rates of every LIF output (spikes / neuron-steps) via forward hooks: overall, per
+    block (``patch_embed``, ``block.i``, ``head_lif``), and the layers that were silent (rate 0)
+    or saturated (rate 1) over a whole batch."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.spikes, self.count = 0.0, 0
-        self.hooks = [m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, LIF)]
+        self.by_block: dict[str, list[float]] = {}
+        self.dead: set[str] = set()
+        self.saturated: set[str] = set()
+        self.hooks = [m.register_forward_hook(self._hook(name)) for name, m in model.named_modules() if isinstance(m, LIF)]
 
-    def _hook(self, module, inputs, output) -> None:
-        self.spikes += float(output.detach().sum())
-        self.count += output.numel()
+    def _hook(self, name: str):
+        parts = name.split(".")
+        block = ".".join(parts[:2]) if parts[0] == "block" else parts[0]
+
+        def hook(module, inputs, output) -> None:
+            spikes, count = float(output.detach().sum()), output.numel()
+            self.spikes += spikes
+            self.count += count
+            totals = self.by_block.setdefault(block, [0.0, 0])
+            totals[0] += spikes
+            totals[1] += count
+            if spikes == 0:
+                self.dead.add(name)
+            elif spikes == count:
+                self.saturated.add(name)
+
+        return hook
+
+    def block_rates(self) -> dict[str, float]:
+        return {block: s / max(n, 1) for block, (s, n) in self.by_block.items()}
 
     def remove(self) -> None:
         for h in self.hooks:
@@ -88,7 +110,8 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, info: DataInfo, device:
         dist.all_reduce(fr)
     n = max(sums[3].item(), 1.0)
     return {"loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n,
-            "firing_rate": fr[0].item() / max(fr[1].item(), 1.0), "n_samples": int(sums[3].item())}
+            "firing_rate": fr[0].item() / max(fr[1].item(), 1.0), "n_samples": int(sums[3].item()),
+            "block_rates": rate.block_rates(), "dead_layers": sorted(rate.dead), "saturated_layers": sorted(rate.saturated)}
 
 
 def run_eval(cfg: DictConfig) -> dict:

@@ -12,6 +12,7 @@ SIGTERM/SIGUSR1 (preemption) write a checkpoint at the next step boundary and ex
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -44,6 +45,8 @@ from spikeformers.train.evaluate import ShardSampler, evaluate, to_model_input
 from spikeformers.train.logging import MetricsCsv, NullLogger, WandbLogger, plot_curves
 
 __all__ = ["train", "main", "build_model", "tet_loss"]
+
+log = logging.getLogger(__name__)
 
 
 # --- distributed -------------------------------------------------------------------------------
@@ -334,6 +337,14 @@ def train(cfg: DictConfig) -> dict:
                "test_loss": round(stats["loss"], 6), "test_top1": round(stats["top1"], 4), "test_top5": round(stats["top5"], 4),
                "epoch_seconds": round(time.time() - t0, 3), "train_seconds": round(train_seconds, 3),
                "firing_rate": round(stats["firing_rate"], 6)}
+        if tcfg.log_block_rates:  # firing-rate monitor: mean rate per block on the test set
+            row |= {f"fr_{block}": round(value, 6) for block, value in stats["block_rates"].items()}
+        for kind in ("dead", "saturated"):
+            layers = stats[f"{kind}_layers"]
+            if layers and ctx.primary:
+                what = "never fired" if kind == "dead" else "fired at every step"
+                log.warning("epoch %d: %d LIF layer(s) %s on a whole test batch: %s", epoch, len(layers), what,
+                            ", ".join(layers[:5]) + (" ..." if len(layers) > 5 else ""))
         improved = stats["top1"] > best["top1"]
         if improved:
             best = {"top1": stats["top1"], "epoch": epoch}
