@@ -16,6 +16,7 @@ same spikes bit for bit. Backends (``LIF(backend=...)``):
   and a hand-written reverse-time backward loop, each compiled into one fused kernel by
   ``torch.compile`` (Inductor) on first use, or run eagerly where compiling is not possible.
 - ``"spikingjelly"``: the library's ``activation_based.neuron.LIFNode`` (``step_mode='m'``).
+- ``"cupy"``: our CUDA kernels (``kernels/lif.cu``) through CuPy, for CUDA tensors.
 - ``"auto"``: the best available one for the input's device (logged once).
 
 Neurons are stateless between calls: every forward starts from V = 0, because our models always
@@ -34,7 +35,7 @@ __all__ = ["LIF", "LIFFunction", "BACKENDS", "set_backend", "resolve_backend"]
 _logger = logging.getLogger(__name__)
 
 #: Backends a user may ask for. ``"auto"`` resolves to one of the others.
-BACKENDS = ("auto", "torch", "spikingjelly")
+BACKENDS = ("auto", "torch", "spikingjelly", "cupy")
 
 
 # --- the three phases (shared reference semantics) -------------------------------------------
@@ -179,9 +180,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"unknown LIF backend {backend!r}; expected one of {BACKENDS}")
     if backend != "auto":
         return backend
-    # Our fused torch path is the fastest available one on the CPU and on CUDA until the CuPy
-    # kernels land (kernels issue); SpikingJelly's eager CPU path records every op.
+    # CUDA with CuPy: our kernels (kernels/lif.cu). Otherwise our fused torch path, the fastest
+    # available one on the CPU (SpikingJelly's eager CPU path records every op).
     chosen = "torch"
+    if device.type == "cuda":
+        from spikeformers.kernels.cupy_lif import available
+
+        chosen = "cupy" if available()[0] else "torch"
     key = f"{device.type}:{chosen}"
     if key not in _announced:
         _announced.add(key)
@@ -229,6 +234,16 @@ class LIF(nn.Module):
         backend = resolve_backend(self.backend, x_seq.device)
         if backend == "spikingjelly":
             return self._spikingjelly_forward(x_seq)
+        if backend == "cupy":
+            from spikeformers.kernels.cupy_lif import LIFCupyFunction, available
+
+            ok, missing = available()
+            if not ok or x_seq.device.type != "cuda":
+                raise RuntimeError(f"LIF backend 'cupy' needs CUDA tensors and CuPy: "
+                                   f"{missing or f'the input is on {x_seq.device.type}'}")
+            return LIFCupyFunction.apply(
+                x_seq, self.tau, self.v_threshold, self.v_reset, self.detach_reset, self.alpha
+            )
         return LIFFunction.apply(
             x_seq, self.tau, self.v_threshold, self.v_reset, self.detach_reset, self.alpha
         )

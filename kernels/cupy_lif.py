@@ -1,0 +1,89 @@
+"""LIF on CUDA through our own kernels (``kernels/lif.cu``), compiled by CuPy (NVRTC) on first use
+and launched on torch's current stream. ``LIF(backend="cupy")`` uses it; ``"auto"`` does when CuPy
+and a CUDA device are present. The kernels' numerics are tested on the CPU (host build of the same
+source, tests/test_kernels.py) and compile-checked with nvcc for sm_80 and sm_90.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from functools import lru_cache
+
+import torch
+
+__all__ = ["available", "LIFCupyFunction"]
+
+_BLOCK = 256
+_SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+INSTALL_HINT = "pip install 'spikeformers[cuda]' (cupy-cuda13x; use cupy-cuda12x for CUDA 12)"
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") when CuPy can launch kernels here, else (False, what is missing)."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device is available to torch"
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False, f"CuPy is not installed: {INSTALL_HINT}"
+    return True, ""
+
+
+@lru_cache(maxsize=None)
+def _module():
+    import cupy
+
+    root = importlib.resources.files("spikeformers.kernels")
+    source = root.joinpath("lif.cu").read_text()
+    source = source.replace('#include "spike_types.cuh"', root.joinpath("spike_types.cuh").read_text())
+    # --fmad=false: no fused multiply-add contraction, so results match the CPU reference bit for bit.
+    return cupy.RawModule(code=source, options=("--std=c++17", "--fmad=false"))
+
+
+def _arg(t: torch.Tensor):
+    """A zero-copy CuPy view (bfloat16 travels as int16 bits: CuPy has no bfloat16 dtype)."""
+    import cupy
+
+    return cupy.asarray(t.view(torch.int16) if t.dtype == torch.bfloat16 else t)
+
+
+def _launch(name: str, n: int, *args) -> None:
+    import cupy
+
+    kernel = _module().get_function(name)
+    with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+        kernel(((n + _BLOCK - 1) // _BLOCK,), (_BLOCK,), args)
+
+
+class LIFCupyFunction(torch.autograd.Function):
+    """Same contract as :class:`spikeformers.models.neurons.LIFFunction`, on CUDA kernels."""
+
+    @staticmethod
+    def forward(ctx, x_seq, tau, v_threshold, v_reset, detach_reset, alpha):
+        import numpy as np
+
+        if x_seq.dtype not in _SUFFIX:
+            raise TypeError(f"LIF backend 'cupy' supports float32/float16/bfloat16, got {x_seq.dtype}")
+        x = x_seq.contiguous()
+        T, M = x.shape[0], x[0].numel()
+        spikes = torch.empty_like(x)
+        h_seq = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        _launch(f"lif_forward_{_SUFFIX[x.dtype]}", M, _arg(x), _arg(spikes), _arg(h_seq), np.int64(T), np.int64(M),
+                np.float32(tau), np.float32(v_threshold), np.float32(v_reset))
+        ctx.save_for_backward(h_seq)
+        ctx.params = (tau, v_threshold, v_reset, detach_reset, alpha)
+        ctx.dtype = x.dtype
+        return spikes
+
+    @staticmethod
+    def backward(ctx, grad_spikes):
+        import numpy as np
+
+        (h_seq,) = ctx.saved_tensors
+        tau, v_threshold, v_reset, detach_reset, alpha = ctx.params
+        grad = grad_spikes.to(ctx.dtype).contiguous()
+        grad_x = torch.empty_like(grad)
+        T, M = h_seq.shape[0], h_seq[0].numel()
+        _launch(f"lif_backward_{_SUFFIX[ctx.dtype]}", M, _arg(grad), _arg(h_seq), _arg(grad_x), np.int64(T), np.int64(M),
+                np.float32(tau), np.float32(v_threshold), np.float32(v_reset), np.int32(detach_reset), np.float32(alpha))
+        return grad_x, None, None, None, None, None

@@ -1,0 +1,136 @@
+"""CUDA kernels (kernels/*.cu) without a GPU: nvcc compile checks, and the same sources built for
+the host (kernels/host_shim.cuh + tests/kernel_host.cpp) compared with the torch reference."""
+
+import ctypes
+import importlib.resources
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from spikeformers.models.neurons import LIF, lif_backward_loop, lif_forward_loop
+
+KERNELS = Path(str(importlib.resources.files("spikeformers.kernels")))
+CU_FILES = sorted(KERNELS.glob("*.cu"))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("arch", ["80", "90"])
+@pytest.mark.parametrize("source", CU_FILES, ids=lambda p: p.name)
+def test_nvcc_compiles_for(source, arch, tmp_path):
+    out = subprocess.run(["nvcc", "--cubin", "-gencode", f"arch=compute_{arch},code=sm_{arch}", f"-I{KERNELS}",
+                          str(source), "-o", str(tmp_path / "k.cubin")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed")
+    lib = tmp_path_factory.mktemp("kernels") / "kernels_host.so"
+    harness = Path(__file__).with_name("kernel_host.cpp")
+    # -ffp-contract=off: no FMA contraction, the same IEEE operations as the torch reference.
+    out = subprocess.run(["g++", "-O2", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC", f"-I{KERNELS}",
+                          str(harness), "-o", str(lib)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return ctypes.CDLL(str(lib))
+
+
+def _ptr(t: torch.Tensor):
+    return ctypes.c_void_p(t.data_ptr())
+
+
+SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def host_forward(host, x, tau=2.0, v_th=1.0, v_reset=0.0, block=128):
+    T, M = x.shape
+    spikes, h = torch.empty_like(x), torch.empty(x.shape, dtype=torch.float32)
+    getattr(host, f"host_lif_forward_{SUFFIX[x.dtype]}")(
+        _ptr(x), _ptr(spikes), _ptr(h), ctypes.c_longlong(T), ctypes.c_longlong(M), ctypes.c_float(tau),
+        ctypes.c_float(v_th), ctypes.c_float(v_reset), ctypes.c_uint(block))
+    return spikes, h
+
+
+def host_backward(host, grad, h, tau=2.0, v_th=1.0, v_reset=0.0, detach=True, alpha=4.0, block=128):
+    T, M = grad.shape
+    grad_x = torch.empty_like(grad)
+    getattr(host, f"host_lif_backward_{SUFFIX[grad.dtype]}")(
+        _ptr(grad), _ptr(h), _ptr(grad_x), ctypes.c_longlong(T), ctypes.c_longlong(M), ctypes.c_float(tau),
+        ctypes.c_float(v_th), ctypes.c_float(v_reset), ctypes.c_int(int(detach)), ctypes.c_float(alpha),
+        ctypes.c_uint(block))
+    return grad_x
+
+
+@pytest.mark.parametrize("T,M", [(4, 1000), (1, 37), (8, 129), (3, 1)])
+@pytest.mark.parametrize("tau,v_th,detach", [(2.0, 1.0, True), (2.0, 0.5, True), (3.0, 1.0, False)])
+def test_host_lif_matches_torch_reference(host, T, M, tau, v_th, detach):
+    torch.manual_seed(T * 1000 + M)
+    x = torch.randn(T, M) * 1.5 + 0.6
+    x[0, : min(M, 3)] = 2.0 * v_th  # H exactly at threshold at t = 0 (tau 2) / below it (tau 3)
+    spikes, h = host_forward(host, x, tau, v_th)
+    ref_spikes, ref_h = lif_forward_loop(x, tau, v_th, 0.0)
+    assert torch.equal(spikes, ref_spikes), "spikes must be bit-identical"
+    assert torch.equal(h, ref_h)
+    grad = torch.randn(T, M)
+    grad_x = host_backward(host, grad, h, tau, v_th, 0.0, detach)
+    ref_grad = lif_backward_loop(grad, ref_h, tau, v_th, 0.0, detach, 4.0)
+    assert (grad_x - ref_grad).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_host_lif_half_precision_inputs(host, dtype):
+    torch.manual_seed(1)
+    x = (torch.randn(4, 517) * 1.5 + 0.6).to(dtype)
+    spikes, h = host_forward(host, x)
+    lif = LIF(backend="torch")
+    xr = x.clone().requires_grad_()
+    ref = lif(xr)
+    assert spikes.dtype == dtype and torch.equal(spikes, ref.detach())
+    grad = torch.randn(4, 517).to(dtype)
+    ref.backward(grad)
+    grad_x = host_backward(host, grad, h)
+    torch.testing.assert_close(grad_x.float(), xr.grad.float(), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 1000])
+def test_host_spike_packing_round_trip(host, n):
+    spikes = (torch.rand(n) < 0.3).float()
+    words = torch.zeros((n + 31) // 32, dtype=torch.int32)
+    host.host_pack_spikes(_ptr(spikes), _ptr(words), ctypes.c_longlong(n), ctypes.c_uint(64))
+    bits = np.zeros(len(words) * 32, dtype=np.uint8)
+    bits[:n] = spikes.numpy().astype(np.uint8)
+    expected = np.packbits(bits.reshape(-1, 32), axis=1, bitorder="little").view("<u4").ravel()
+    assert np.array_equal(words.numpy().view(np.uint32), expected)
+    back = torch.empty(n)
+    host.host_unpack_spikes(_ptr(words), _ptr(back), ctypes.c_longlong(n), ctypes.c_uint(64))
+    assert torch.equal(back, spikes)
+    assert words.numel() * 4 * 8 < spikes.numel() * 4 * 8 or n < 32  # 32x smaller than float32
+
+
+def test_cupy_backend_errors_clearly_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(RuntimeError, match="LIF backend 'cupy' needs CUDA tensors and CuPy: no CUDA device"):
+        LIF(backend="cupy")(torch.randn(2, 3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device and CuPy")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cupy_backend_matches_torch_backend_on_gpu(dtype):
+    pytest.importorskip("cupy")
+    torch.manual_seed(0)
+    x = (torch.randn(4, 8, 333, device="cuda") * 1.5 + 0.6).to(dtype)
+    grad = torch.randn_like(x)
+    outs = {}
+    for backend in ("cupy", "torch"):
+        xr = x.clone().requires_grad_()
+        spikes = LIF(backend=backend)(xr)
+        spikes.backward(grad)
+        outs[backend] = (spikes.detach(), xr.grad)
+    assert torch.equal(outs["cupy"][0], outs["torch"][0])
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(outs["cupy"][1].float(), outs["torch"][1].float(), rtol=tol, atol=tol)
