@@ -60,6 +60,9 @@ import time
 
 DEFAULT_MODELS = ("spikformer_cifar_4_384", "sdt_cifar_2_512", "lif")
 BACKENDS = ("spikingjelly", "torch")
+# "identity": every LIF replaced by the identity, so only convs, GEMMs, BN and pooling are left:
+# the limit no neuron implementation can beat (models only, with --limit).
+LIMIT = "identity"
 LIF_FEATURES = ((64, 384), (64, 1536), (48, 32, 32))  # per-sample shapes after [T, B]
 COLUMNS = ("model", "backend", "T", "batch", "ms_per_step", "peak_mb", "first_call_s")
 
@@ -152,8 +155,14 @@ def make_model_step(torch, name, backend, args, device):
 
     import spikeformers  # noqa: F401  (registers the models with timm)
 
+    from spikeformers.models.neurons import LIF
+
     torch.manual_seed(0)
-    model = timm.create_model(name, backend=backend, T=args.T).to(device).train()
+    model = timm.create_model(name, backend="torch" if backend == LIMIT else backend, T=args.T).to(device).train()
+    if backend == LIMIT:
+        for module in model.modules():
+            if isinstance(module, LIF):
+                module.forward = lambda x: x
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, *model.pretrained_cfg["input_size"], generator=gen).to(device)
     y = torch.randint(0, model.num_classes, (args.batch,), generator=gen).to(device)
@@ -236,15 +245,15 @@ def run_worker(args):
 # --- driver -----------------------------------------------------------------------------------
 
 
-def configurations(models):
-    """(kind, name, backend) triples: per model (or LIF shape) both backends, consecutively."""
+def configurations(models, limit=False):
+    """(kind, name, backend) triples: per model (or LIF shape) every backend, consecutively."""
     for model in models:
         if model == "lif":
             for features in LIF_FEATURES:
                 for backend in BACKENDS:
                     yield "lif", "x".join(map(str, features)), backend
         else:
-            for backend in BACKENDS:
+            for backend in BACKENDS + ((LIMIT,) if limit else ()):
                 yield "model", model, backend
 
 
@@ -265,13 +274,16 @@ def run_config(config, args):
 def markdown(records):
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in records]
-    by_key = {(r["model"], r["backend"]): r for r in records}
+    by_key = {(r["model"], r["backend"], r["T"]): r for r in records}
     lines.append("")
-    for model in dict.fromkeys(r["model"] for r in records):
-        sj, ours = by_key.get((model, "spikingjelly")), by_key.get((model, "torch"))
+    for model, T in dict.fromkeys((r["model"], r["T"]) for r in records):
+        sj, ours, limit = (by_key.get((model, b, T)) for b in ("spikingjelly", "torch", LIMIT))
         if sj and ours:
             speedup = sj["ms_per_step"] / ours["ms_per_step"]
-            lines.append(f"speedup (spikingjelly/torch) {model}: {speedup:.2f}x")
+            line = f"speedup (spikingjelly/torch) {model} T={T}: {speedup:.2f}x"
+            if limit:
+                line += f"; torch / identity-neuron limit: {ours['ms_per_step'] / limit['ms_per_step']:.2f}x"
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -299,7 +311,9 @@ def main(argv=None):
                         help="untimed steps before them (min 2): the first call (first_call_s), "
                              "the memory step, then plain ones (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--T", type=int, default=4, help="time steps")
+    parser.add_argument("--T", default="4", help="time steps, or a comma list such as 1,2,4,8 (default: %(default)s)")
+    parser.add_argument("--limit", action="store_true",
+                        help="also time each model with identity neurons (the convs/GEMMs-only limit)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's default)")
@@ -307,7 +321,14 @@ def main(argv=None):
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)  # internal: one config
     args = parser.parse_args(argv)
 
-    for flag in ("iters", "batch", "T", "threads"):
+    try:
+        t_values = [int(t) for t in str(args.T).split(",") if t.strip()]
+    except ValueError:
+        parser.error(f"--T must be integers separated by commas, got {args.T!r}")
+    if not t_values or min(t_values) < 1:
+        parser.error(f"--T values must be >= 1, got {args.T!r}")
+    args.T = t_values[0]
+    for flag in ("iters", "batch", "threads"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag} must be >= 1, got {value}")
@@ -336,14 +357,16 @@ def main(argv=None):
         parser.error("--device cuda, but torch.cuda.is_available() is False")
 
     records, failed = [], False
-    for config in configurations(models):
-        kind, name, backend = config
-        label = f"lif[{name}]" if kind == "lif" else name
-        print(f"running {label} / {backend} ...", file=sys.stderr, flush=True)
-        record = run_config(config, args)
-        failed |= record is None
-        if record:
-            records.append(record)
+    for T in t_values:
+        args.T = T
+        for config in configurations(models, args.limit):
+            kind, name, backend = config
+            label = f"lif[{name}]" if kind == "lif" else name
+            print(f"running {label} / {backend} / T={T} ...", file=sys.stderr, flush=True)
+            record = run_config(config, args)
+            failed |= record is None
+            if record:
+                records.append(record)
     print(markdown(records))
     if args.json:
         write_json(args.json, records)
