@@ -63,6 +63,7 @@ BACKENDS = ("spikingjelly", "torch")
 # "identity": every LIF replaced by the identity, so only convs, GEMMs, BN and pooling are left:
 # the limit no neuron implementation can beat (models only, with --limit).
 LIMIT = "identity"
+CHECKPOINTED = "torch+ckpt"  # torch backend with gradient checkpointing over blocks (--checkpointing)
 LIF_FEATURES = ((64, 384), (64, 1536), (48, 32, 32))  # per-sample shapes after [T, B]
 COLUMNS = ("model", "backend", "T", "batch", "ms_per_step", "peak_mb", "first_call_s")
 
@@ -158,7 +159,10 @@ def make_model_step(torch, name, backend, args, device):
     from spikeformers.models.neurons import LIF
 
     torch.manual_seed(0)
-    model = timm.create_model(name, backend="torch" if backend == LIMIT else backend, T=args.T).to(device).train()
+    model = timm.create_model(name, backend="torch" if backend in (LIMIT, CHECKPOINTED) else backend,
+                              T=args.T).to(device).train()
+    if backend == CHECKPOINTED:
+        model.set_grad_checkpointing(True)
     if backend == LIMIT:
         for module in model.modules():
             if isinstance(module, LIF):
@@ -245,7 +249,7 @@ def run_worker(args):
 # --- driver -----------------------------------------------------------------------------------
 
 
-def configurations(models, limit=False):
+def configurations(models, limit=False, checkpointing=False):
     """(kind, name, backend) triples: per model (or LIF shape) every backend, consecutively."""
     for model in models:
         if model == "lif":
@@ -253,7 +257,7 @@ def configurations(models, limit=False):
                 for backend in BACKENDS:
                     yield "lif", "x".join(map(str, features)), backend
         else:
-            for backend in BACKENDS + ((LIMIT,) if limit else ()):
+            for backend in BACKENDS + ((CHECKPOINTED,) if checkpointing else ()) + ((LIMIT,) if limit else ()):
                 yield "model", model, backend
 
 
@@ -283,6 +287,10 @@ def markdown(records):
             line = f"speedup (spikingjelly/torch) {model} T={T}: {speedup:.2f}x"
             if limit:
                 line += f"; torch / identity-neuron limit: {ours['ms_per_step'] / limit['ms_per_step']:.2f}x"
+            ckpt = by_key.get((model, CHECKPOINTED, T))
+            if ckpt:
+                line += (f"; checkpointing: {ckpt['peak_mb'] / ours['peak_mb']:.2f}x memory, "
+                         f"{ckpt['ms_per_step'] / ours['ms_per_step']:.2f}x time")
             lines.append(line)
     return "\n".join(lines)
 
@@ -312,6 +320,8 @@ def main(argv=None):
                              "the memory step, then plain ones (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--T", default="4", help="time steps, or a comma list such as 1,2,4,8 (default: %(default)s)")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="also time the torch backend with gradient checkpointing over blocks")
     parser.add_argument("--limit", action="store_true",
                         help="also time each model with identity neurons (the convs/GEMMs-only limit)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -359,7 +369,7 @@ def main(argv=None):
     records, failed = [], False
     for T in t_values:
         args.T = T
-        for config in configurations(models, args.limit):
+        for config in configurations(models, args.limit, args.checkpointing):
             kind, name, backend = config
             label = f"lif[{name}]" if kind == "lif" else name
             print(f"running {label} / {backend} / T={T} ...", file=sys.stderr, flush=True)

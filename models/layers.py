@@ -7,12 +7,15 @@ computed over T*B*(tokens or pixels), exactly as the official code does (archite
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["seq", "time_sequence", "checkpoint_filter_fn", "count_params", "SpikingClassifier"]
+__all__ = ["seq", "time_sequence", "checkpoint_filter_fn", "count_params", "SpikingClassifier", "checkpoint_block"]
 
 
 def seq(x: torch.Tensor, *modules: nn.Module) -> torch.Tensor:
@@ -54,12 +57,48 @@ def time_sequence(
     return x
 
 
+class _FrozenBatchNormStats(contextlib.AbstractContextManager):
+    """While active, BatchNorm layers in ``module`` normalise with batch statistics as usual but
+    leave their running statistics and ``num_batches_tracked`` untouched (momentum 0)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+    def __enter__(self):
+        self.saved = [(m.momentum, m.num_batches_tracked.clone()) for m in self.norms]
+        for m in self.norms:
+            m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+        return self
+
+    def __exit__(self, *exc):
+        for m, (momentum, tracked) in zip(self.norms, self.saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
+        return False
+
+
+def checkpoint_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Activation checkpointing of one block, correct for spiking blocks: the forward keeps only
+    the block's input and backward recomputes the rest. Our neurons start from V = 0 on every
+    call, so recomputation cannot advance neuron state twice; BatchNorm statistics are frozen
+    during the recomputation so they are updated exactly once, as without checkpointing."""
+    contexts = lambda: (contextlib.nullcontext(), _FrozenBatchNormStats(block))  # noqa: E731
+    return checkpoint(block, x, use_reentrant=False, context_fn=contexts)
+
+
 class SpikingClassifier(nn.Module):
     """The timm model API shared by the families: classifier access, parameter groups for
-    layer-wise LR decay, weight-decay exclusions. Subclasses define ``head``, ``embed_dim``,
-    ``block`` (a ModuleList) and a ``patch_embed`` stem."""
+    layer-wise LR decay, weight-decay exclusions, gradient checkpointing over blocks.
+    Subclasses define ``head``, ``embed_dim``, ``block`` (a ModuleList) and a ``patch_embed``."""
 
     stem_regex = r"^patch_embed"
+    grad_checkpointing = False
+
+    def run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Run ``patch_embed`` or a block, checkpointed when grad checkpointing is on."""
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint_block(stage, x)
+        return stage(x)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -71,8 +110,9 @@ class SpikingClassifier(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            raise NotImplementedError(f"gradient checkpointing is not supported by {type(self).__name__} yet")
+        """Recompute each block in backward instead of keeping its activations (less memory,
+        about one extra forward pass of the blocks). Gradients are unchanged."""
+        self.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

@@ -207,9 +207,9 @@ class SpikeDrivenTransformer(SpikingClassifier):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Input → real-valued block stream [T, B, D, H', W']."""
         x = time_sequence(x, self.T, self.in_chans, self.size_multiple, type(self).__name__)
-        x = self.patch_embed(x)
+        x = self.run_stage(self.patch_embed, x)
         for blk in self.block:
-            x = blk(x)
+            x = self.run_stage(blk, x)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -276,13 +276,13 @@ class Spikformer(SpikingClassifier):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Input → block stream: [T, B, N, D] (cifar) or [T, B, D, H', W'] / [T, B, D, N]."""
         x = time_sequence(x, self.T, self.in_chans, self.size_multiple, type(self).__name__)
-        x = self.patch_embed(x)  # [T, B, D, H', W']
+        x = self.run_stage(self.patch_embed, x)  # [T, B, D, H', W']
         if self.kind == "cifar":
             x = x.flatten(3).transpose(-1, -2).contiguous()  # [T, B, N, D]
         elif self.kind == "dvs":
             x = x.flatten(3)  # [T, B, D, N]
         for blk in self.block:
-            x = blk(x)
+            x = self.run_stage(blk, x)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

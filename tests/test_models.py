@@ -324,5 +324,31 @@ def test_timm_optimizer_api_layer_decay_and_no_weight_decay():
     assert scales[0] == pytest.approx(0.125) and scales[-1] == 1.0
     pos = [g for g in groups if any(p is dvs.pos_embed for p in g["params"])][0]
     assert pos["weight_decay"] == 0.0
-    with pytest.raises(NotImplementedError, match="gradient checkpointing is not supported by Spikformer"):
-        dvs.set_grad_checkpointing(True)
+    dvs.set_grad_checkpointing(True)
+    assert dvs.grad_checkpointing
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_grad_checkpointing_is_exact(name):
+    import copy
+
+    plain = timm.create_model(name).train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.set_grad_checkpointing(True)
+    x, y = torch.randn(4, 1, 32, 32), torch.tensor([1, 2, 3, 4])
+    for model in (plain, ckpt):
+        F.cross_entropy(model(x), y).backward()
+    for (n, p), (_, q) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        if p.grad is not None:
+            assert (p.grad - q.grad).abs().max() <= 1e-6, n
+    # BN running statistics (and num_batches_tracked) are updated once, not again on recompute
+    assert all(torch.equal(v, ckpt.state_dict()[k]) for k, v in plain.state_dict().items())
+
+
+def test_naive_checkpoint_would_update_batchnorm_twice():
+    from torch.utils.checkpoint import checkpoint
+
+    block = timm.create_model("sdt_tiny").block[0].train()
+    x = torch.randn(2, 2, 64, 8, 8, requires_grad=True)
+    checkpoint(block, x, use_reentrant=False).sum().backward()
+    assert int(block.attn.q_bn.num_batches_tracked) == 2  # the hazard checkpoint_block avoids

@@ -468,3 +468,17 @@ def test_freeze_backbone_trains_only_the_head(make_cfg):
     after = torch.load(Path(cfg.output_dir) / "checkpoints" / "last.pt", weights_only=True)["model"]
     changed = {k for k in after if k.endswith("weight") and not torch.equal(after[k], before[k])}
     assert changed == {"head.weight"}
+
+
+def test_memory_checkpoint_option_trains_to_the_same_weights(make_cfg, tmp_path):
+    plain = make_cfg(*SMALL)
+    train(plain)
+    ckpt = make_cfg(*SMALL, "trainer.memory=checkpoint")
+    with open_dict(ckpt):
+        ckpt.output_dir = str(tmp_path / "ckpt")
+    train(ckpt)
+    a = torch.load(Path(plain.output_dir) / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(Path(ckpt.output_dir) / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    with pytest.raises(ValueError, match="trainer.memory must be 'plain' or 'checkpoint'"):
+        train(make_cfg(*SMALL, "trainer.memory=packed"))

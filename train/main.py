@@ -170,6 +170,10 @@ def train(cfg: DictConfig) -> dict:
     # data and model
     train_set, test_set, info = build_datasets(cfg.data)
     model = build_model(cfg.model, info).to(ctx.device)
+    if tcfg.memory not in ("plain", "checkpoint"):
+        raise ValueError(f"trainer.memory must be 'plain' or 'checkpoint', got {tcfg.memory!r}")
+    if tcfg.memory == "checkpoint":  # recompute blocks in backward: activation memory of one block
+        model.set_grad_checkpointing(True)
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if tcfg.sync_bn and ctx.world > 1 and ctx.device.type == "cuda":
