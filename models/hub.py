@@ -172,6 +172,10 @@ def download(url: str, dest: str | Path, sha256: str, progress: bool | None = No
             try:
                 _fetch_into(url, part, progress, timeout)
                 break
+            except urllib.error.HTTPError as err:
+                last_error = err
+                if err.code == 416:  # the partial file is complete or longer than the remote one
+                    part.unlink(missing_ok=True)  # start over rather than resume
             except (urllib.error.URLError, ConnectionError, TimeoutError, _Truncated) as err:
                 last_error = err  # retry; the next attempt resumes from the partial file
         else:

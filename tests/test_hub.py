@@ -47,6 +47,9 @@ class Server:
                 rng = self.headers.get("Range")
                 if rng and not server.ignore_range:
                     start = int(rng.split("=")[1].split("-")[0])
+                    if start >= len(data):
+                        self.send_error(416)
+                        return
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 else:
@@ -120,6 +123,14 @@ def test_server_without_range_support_restarts_cleanly(cache):
     with Server({"w.bin": PAYLOAD}) as srv:
         srv.truncate_once, srv.ignore_range = True, True
         assert hub.download(f"{srv.url}/w.bin", cache / "w.bin", PAYLOAD_SHA).read_bytes() == PAYLOAD
+
+
+def test_leftover_complete_part_file_restarts_cleanly(cache):
+    cache.mkdir(parents=True)
+    (cache / "w.bin.part").write_bytes(PAYLOAD)  # a previous process died before verifying
+    with Server({"w.bin": PAYLOAD}) as srv:
+        assert hub.download(f"{srv.url}/w.bin", cache / "w.bin", PAYLOAD_SHA).read_bytes() == PAYLOAD
+        assert srv.requests[0][1] == f"bytes={len(PAYLOAD)}-" and srv.requests[1][1] is None
 
 
 def test_offline_mode_uses_the_cache_only(cache, monkeypatch):
