@@ -229,6 +229,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     rows_a = list(csv.DictReader(open(ref / "metrics.csv")))
     rows_b = list(csv.DictReader(open(killed / "metrics.csv")))
     assert [r["test_top1"] for r in rows_a] == [r["test_top1"] for r in rows_b]
+    assert [r["train_loss"] for r in rows_a] == [r["train_loss"] for r in rows_b]  # incl. the interrupted epoch
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):

@@ -218,6 +218,7 @@ def train(cfg: DictConfig) -> dict:
 
     # resume
     start_epoch, start_batch, global_step = 0, 0, 0
+    resumed_loss = (0.0, 0)
     best = {"top1": -1.0, "epoch": -1}
     history: list[dict] = []
     resume_path = _resume_path(cfg.resume, ckpt_dir)
@@ -231,6 +232,7 @@ def train(cfg: DictConfig) -> dict:
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
         start_epoch, start_batch, global_step = state["epoch"], state["batch_in_epoch"], state["global_step"]
+        resumed_loss = tuple(state.get("partial_loss", (0.0, 0)))
         best, history = state["best"], state["history"]
         set_rng_state(state["rng"])
         if ctx.primary:
@@ -250,7 +252,7 @@ def train(cfg: DictConfig) -> dict:
     test_loader = DataLoader(test_set, batch_size=cfg.data.eval_batch_size, sampler=ShardSampler(len(test_set), ctx.rank, ctx.world),
                              num_workers=cfg.data.num_workers)
 
-    def checkpoint_state(epoch: int, batch_in_epoch: int) -> dict:
+    def checkpoint_state(epoch: int, batch_in_epoch: int, partial_loss: tuple[float, int] = (0.0, 0)) -> dict:
         return {
             "model": raw_model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -258,6 +260,7 @@ def train(cfg: DictConfig) -> dict:
             "ema": ema.state_dict() if ema is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "epoch": epoch, "batch_in_epoch": batch_in_epoch, "global_step": global_step,
+            "partial_loss": list(partial_loss),  # mid-epoch: (sum, count) of this epoch's losses so far
             "best": best, "history": metrics_csv.rows if metrics_csv else history,
             "rng": rng_state(),
             "model_name": cfg.model.name,
@@ -276,7 +279,8 @@ def train(cfg: DictConfig) -> dict:
                             drop_last=True, pin_memory=ctx.device.type == "cuda")
         first_batch = start_batch if epoch == start_epoch else 0
         model.train()
-        t0, loss_sum, loss_count = time.time(), 0.0, 0
+        t0 = time.time()
+        loss_sum, loss_count = resumed_loss if epoch == start_epoch else (0.0, 0)
         bar = tqdm(total=steps_per_epoch, initial=first_batch, desc=f"epoch {epoch}", disable=not show_progress, leave=False)
         for batch_idx, (images, target) in enumerate(loader, start=first_batch):
             if batch_idx >= steps_per_epoch:
@@ -322,12 +326,14 @@ def train(cfg: DictConfig) -> dict:
             if preempted:
                 bar.close()
                 if ctx.primary:
-                    save_checkpoint(checkpoint_state(epoch, batch_idx + 1), ckpt_dir / "last.pt")
+                    save_checkpoint(checkpoint_state(epoch, batch_idx + 1, (loss_sum, loss_count)), ckpt_dir / "last.pt")
                     print(f"preempted: saved {ckpt_dir / 'last.pt'} at epoch {epoch}, step {batch_idx + 1}; exiting")
+                logger.finish()
+                stop.restore()
                 ctx.close()
                 return {"preempted": True, "epoch": epoch}
             if tcfg.save_every_steps and global_step % tcfg.save_every_steps == 0 and ctx.primary:
-                save_checkpoint(checkpoint_state(epoch, batch_idx + 1), ckpt_dir / "last.pt")
+                save_checkpoint(checkpoint_state(epoch, batch_idx + 1, (loss_sum, loss_count)), ckpt_dir / "last.pt")
         bar.close()
         if cfg.sched.step_on_epochs:
             scheduler.step(epoch + 1)
