@@ -18,14 +18,21 @@ _SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 INSTALL_HINT = "pip install 'spikeformers[cuda]' (cupy-cuda13x; use cupy-cuda12x for CUDA 12)"
 
 
+@lru_cache(maxsize=None)
 def available() -> tuple[bool, str]:
-    """(True, "") when CuPy can launch kernels here, else (False, what is missing)."""
+    """(True, "") when CuPy can compile and launch our kernels here, else (False, what is
+    missing). The kernels are compiled once here, so ``"auto"`` falls back to the torch backend
+    when NVRTC or the CUDA headers are unusable instead of failing at the first forward."""
     if not torch.cuda.is_available():
         return False, "no CUDA device is available to torch"
     try:
         import cupy  # noqa: F401
     except ImportError:
         return False, f"CuPy is not installed: {INSTALL_HINT}"
+    try:
+        _module().get_function("lif_forward_f32")  # compiles the module
+    except Exception as err:  # CuPy compile / driver errors
+        return False, f"CuPy cannot compile the kernels ({type(err).__name__}: {err}); check that the CuPy wheel matches torch's CUDA ({INSTALL_HINT})"
     return True, ""
 
 
@@ -41,17 +48,22 @@ def _module():
 
 
 def _arg(t: torch.Tensor):
-    """A zero-copy CuPy view (bfloat16 travels as int16 bits: CuPy has no bfloat16 dtype)."""
+    """A zero-copy CuPy view (bfloat16 travels as int16 bits: CuPy has no bfloat16 dtype).
+    Detached: torch refuses ``__cuda_array_interface__`` on tensors that require grad."""
     import cupy
 
+    t = t.detach()
     return cupy.asarray(t.view(torch.int16) if t.dtype == torch.bfloat16 else t)
 
 
-def _launch(name: str, n: int, *args) -> None:
+def _launch(name: str, n: int, device: torch.device, *args) -> None:
+    """Launch on ``device`` and on torch's current stream for that device."""
     import cupy
 
+    if n == 0:
+        return
     kernel = _module().get_function(name)
-    with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
         kernel(((n + _BLOCK - 1) // _BLOCK,), (_BLOCK,), args)
 
 
@@ -64,11 +76,11 @@ class LIFCupyFunction(torch.autograd.Function):
 
         if x_seq.dtype not in _SUFFIX:
             raise TypeError(f"LIF backend 'cupy' supports float32/float16/bfloat16, got {x_seq.dtype}")
-        x = x_seq.contiguous()
+        x = x_seq.detach().contiguous()
         T, M = x.shape[0], x[0].numel()
         spikes = torch.empty_like(x)
         h_seq = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        _launch(f"lif_forward_{_SUFFIX[x.dtype]}", M, _arg(x), _arg(spikes), _arg(h_seq), np.int64(T), np.int64(M),
+        _launch(f"lif_forward_{_SUFFIX[x.dtype]}", M, x.device, _arg(x), _arg(spikes), _arg(h_seq), np.int64(T), np.int64(M),
                 np.float32(tau), np.float32(v_threshold), np.float32(v_reset))
         ctx.save_for_backward(h_seq)
         ctx.params = (tau, v_threshold, v_reset, detach_reset, alpha)
@@ -81,9 +93,9 @@ class LIFCupyFunction(torch.autograd.Function):
 
         (h_seq,) = ctx.saved_tensors
         tau, v_threshold, v_reset, detach_reset, alpha = ctx.params
-        grad = grad_spikes.to(ctx.dtype).contiguous()
+        grad = grad_spikes.detach().to(ctx.dtype).contiguous()
         grad_x = torch.empty_like(grad)
         T, M = h_seq.shape[0], h_seq[0].numel()
-        _launch(f"lif_backward_{_SUFFIX[ctx.dtype]}", M, _arg(grad), _arg(h_seq), _arg(grad_x), np.int64(T), np.int64(M),
+        _launch(f"lif_backward_{_SUFFIX[ctx.dtype]}", M, grad.device, _arg(grad), _arg(h_seq), _arg(grad_x), np.int64(T), np.int64(M),
                 np.float32(tau), np.float32(v_threshold), np.float32(v_reset), np.int32(detach_reset), np.float32(alpha))
         return grad_x, None, None, None, None, None

@@ -19,6 +19,7 @@ Cache folder: ``SPIKEFORMERS_CACHE``, else ``$TORCH_HOME/spikeformers``, else
 from __future__ import annotations
 
 import hashlib
+import http.client
 import importlib.resources
 import json
 import logging
@@ -157,6 +158,8 @@ def download(url: str, dest: str | Path, sha256: str, progress: bool | None = No
     if not sha256:
         raise ValueError(f"refusing to download {url} without a sha256 to verify it against")
     dest = Path(dest)
+    if dest.exists() and sha256_of(dest) == sha256:  # cache hit: no lock needed (read-only caches work)
+        return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dest) + ".lock"):
         if dest.exists():
@@ -173,10 +176,13 @@ def download(url: str, dest: str | Path, sha256: str, progress: bool | None = No
                 _fetch_into(url, part, progress, timeout)
                 break
             except urllib.error.HTTPError as err:
+                err.close()
                 last_error = err
                 if err.code == 416:  # the partial file is complete or longer than the remote one
                     part.unlink(missing_ok=True)  # start over rather than resume
-            except (urllib.error.URLError, ConnectionError, TimeoutError, _Truncated) as err:
+                elif 400 <= err.code < 500 and err.code not in (408, 429):
+                    raise ConnectionError(f"could not download {url}: HTTP {err.code} {err.reason}") from None
+            except (OSError, http.client.HTTPException) as err:  # URLError, resets, timeouts, truncation
                 last_error = err  # retry; the next attempt resumes from the partial file
         else:
             raise ConnectionError(f"could not download {url} after {retries + 1} attempts: {last_error}") from last_error
@@ -225,13 +231,18 @@ def resolve(name: str) -> Weights:
 def fetch(name: str, progress: bool | None = None) -> Path:
     """A verified local path for the registered weights ``name`` (package, cache or download)."""
     weights = resolve(name)
-    if not weights.sha256 and name in _local_registry():
-        weights = replace(weights, sha256=_local_registry()[name])  # recorded by `convert --register`
+    if not weights.sha256 and name in _local_registry():  # recorded by `convert --register`
+        cached = cache_dir() / weights.filename
+        if cached.exists() and sha256_of(cached) == _local_registry()[name]:
+            return cached
+        raise FileNotFoundError(f"{name}: the converted file registered on this machine is missing or changed in "
+                                f"{cache_dir()}; re-run `spikeformers-hub convert FILE --model ... --name {name} --register`")
     if not weights.sha256:
         raise FileNotFoundError(f"{name}: no verified file is registered yet. {weights.notes} "
                                 f"(source: {weights.url or weights.source})")
     mirror = os.environ.get("SPIKEFORMERS_MIRROR")
-    packaged = _packaged_path(weights.filename) if weights.packaged and not mirror else None
+    # the packaged copy is used unless a mirror is asked for explicitly (and is online)
+    packaged = _packaged_path(weights.filename) if weights.packaged and (not mirror or is_offline()) else None
     if packaged is not None:
         actual = sha256_of(packaged)
         if actual != weights.sha256:

@@ -33,7 +33,8 @@ def _load_official(path: Path, trust_pickle: bool) -> dict:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         if not trust_pickle:
-            raise ValueError(f"{path} cannot be read with weights_only=True ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            reason = (str(err).splitlines() or [""])[0]
+            raise ValueError(f"{path} cannot be read with weights_only=True ({type(err).__name__}: {reason}); "
                              "if you trust the file, re-run with --trust-pickle") from None
         return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -113,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "download":
             print(hub.fetch(args.name, progress=True))
         elif args.command == "verify":
-            expected = args.sha256 or hub.resolve(args.name).sha256
+            expected = (args.sha256 or hub.resolve(args.name).sha256 or hub._local_registry().get(args.name, "")).lower()
+            if not expected:
+                raise ValueError(f"{args.name} has no registered sha256 to verify against")
             actual = hub.sha256_of(args.file)
             if actual != expected:
                 print(f"MISMATCH {args.file}: expected {expected}, got {actual}", file=sys.stderr)

@@ -158,6 +158,24 @@ def test_concurrent_fetches_of_one_file(cache):
         assert len(srv.requests) == 1, "the lock lets one process download; the others hit the cache"
 
 
+def test_read_only_cache_hit_needs_no_lock(cache):
+    cache.mkdir(parents=True)
+    (cache / "w.bin").write_bytes(PAYLOAD)
+    cache.chmod(0o555)
+    try:
+        path = hub.download("http://127.0.0.1:9/unused", cache / "w.bin", PAYLOAD_SHA)
+        assert path.read_bytes() == PAYLOAD and not (cache / "w.bin.lock").exists()
+    finally:
+        cache.chmod(0o755)
+
+
+def test_missing_remote_file_fails_fast(cache):
+    with Server({}) as srv:
+        with pytest.raises(ConnectionError, match="HTTP 404"):
+            hub.download(f"{srv.url}/nope.bin", cache / "nope.bin", PAYLOAD_SHA)
+        assert len(srv.requests) == 1  # a 404 is not retried
+
+
 def test_download_requires_a_hash(cache):
     with pytest.raises(ValueError, match="without a sha256"):
         hub.download("http://127.0.0.1:9/x", cache / "x", "")

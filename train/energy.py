@@ -171,11 +171,11 @@ class _Recorder:
         s = self.stats.get(name)
         if s is None:
             s = self.stats[name] = dict(op=op, shape=list(shape), flops=flops, steps=steps, types=set(),
-                                        rate_sum=torch.zeros(steps, dtype=torch.float64), batches=0)
+                                        rate_sum=torch.zeros(steps, dtype=torch.float64), samples=0)
             self.order.append(name)
         s["types"].add(kind)
-        s["rate_sum"] += rates.double()
-        s["batches"] += 1
+        s["rate_sum"] += rates.double() * self.B  # per-sample weighting across batches of any size
+        s["samples"] += self.B
 
     def _layer(self, name):
         def hook(module, args, out):
@@ -248,7 +248,7 @@ def analyze(model: nn.Module, batches, cfg: EnergyConfig | None = None, model_na
     layers, first_done, ann_flops = [], False, 0
     for name in rec.order:
         s = rec.stats[name]
-        rates = (s["rate_sum"] / s["batches"]).tolist()
+        rates = (s["rate_sum"] / s["samples"]).tolist()
         kind = "real" if "real" in s["types"] else ("integer" if "integer" in s["types"] else "binary")
         r = LayerRecord(name, s["op"], s["shape"], int(s["flops"]), s["steps"], kind, [round(x, 6) for x in rates])
         r.input_rate = sum(rates) / len(rates)
@@ -368,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             state = load_checkpoint(args.checkpoint)
             trained = OmegaConf.create(state["config"])
             cfg.model, cfg.data = trained.model, trained.data if args.data == "digits" else cfg.data
+            cfg.model.pretrained, cfg.model.checkpoint = False, None  # weights come from the checkpoint
         else:
             cfg.model.name = args.model
             cfg.model.pretrained = bool(args.pretrained and "." in args.model)

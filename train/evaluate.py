@@ -123,6 +123,7 @@ def run_eval(cfg: DictConfig) -> dict:
         state = load_checkpoint(cfg.checkpoint)
         trained = OmegaConf.create(state["config"])
         model_cfg = trained.model
+        model_cfg.pretrained, model_cfg.checkpoint = False, None  # the weights come from the checkpoint
         # data comes from the checkpoint unless the user chose another data set on the command line
         if not cfg.data_from_cli:
             data_cfg = trained.data

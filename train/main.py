@@ -69,7 +69,8 @@ class Dist:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.world > 1:
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            # CUDA: NCCL for GPU tensors plus gloo for the few CPU tensors (metrics) we reduce.
+            dist.init_process_group("cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo")
         self.primary = self.rank == 0
 
     def any(self, *flags: bool) -> list[bool]:
