@@ -311,8 +311,6 @@ def build_model(model_cls, model_name: str, pretrained: bool, filter_fn, **kwarg
     ``in_chans`` and drops the head when ``num_classes`` differs. A user's own
     ``pretrained_cfg_overlay=dict(file=...)`` is loaded as given.
     """
-    from dataclasses import replace
-
     from timm.models import build_model_with_cfg
     from timm.models._builder import resolve_pretrained_cfg
 

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["seq", "time_sequence", "checkpoint_filter_fn", "count_params", "SpikingClassifier", "checkpoint_block"]
+__all__ = ["seq", "time_sequence", "checkpoint_filter_fn", "SpikingClassifier", "checkpoint_block"]
 
 
 def seq(x: torch.Tensor, *modules: nn.Module) -> torch.Tensor:
@@ -135,8 +135,3 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module | None = None) -> di
             state_dict = state_dict[wrapper]
             break
     return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
-
-
-def count_params(model: nn.Module) -> int:
-    """Exact parameter count, unused-but-present parameters included (architectures.md §4)."""
-    return sum(p.numel() for p in model.parameters())

@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from spikeformers.models.neurons import LIF
 
 __all__ = ["EnergyConfig", "LayerRecord", "EnergyReport", "analyze", "layer_flops", "attention_energy_ratio", "main"]
 
