@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from spikeformers.models import hub
-from spikeformers.models.layers import checkpoint_filter_fn
+from spikeformers.models.layers import checkpoint_filter_fn, state_dims
 
 __all__ = ["main", "convert"]
 
@@ -53,9 +53,7 @@ def convert(src: str | Path, model_name: str, out_dir: str | Path = ".", name: s
     if not timm.is_model(model_name):
         raise ValueError(f"unknown model {model_name!r}")
     state = checkpoint_filter_fn(_load_official(src, trust_pickle))
-    if "head.weight" not in state or "patch_embed.proj_conv.weight" not in state:
-        raise ValueError(f"{src} does not look like a Spikformer/SDT state_dict (no head.weight / patch_embed.proj_conv.weight)")
-    num_classes, in_chans = state["head.weight"].shape[0], state["patch_embed.proj_conv.weight"].shape[1]
+    num_classes, in_chans = state_dims(state, src)
     model = timm.create_model(model_name, num_classes=num_classes, in_chans=in_chans)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["seq", "time_sequence", "checkpoint_filter_fn", "SpikingClassifier", "checkpoint_block"]
+__all__ = ["seq", "time_sequence", "checkpoint_filter_fn", "state_dims", "SpikingClassifier", "checkpoint_block"]
 
 
 def seq(x: torch.Tensor, *modules: nn.Module) -> torch.Tensor:
@@ -135,3 +135,10 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module | None = None) -> di
             state_dict = state_dict[wrapper]
             break
     return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
+
+
+def state_dims(state: dict, source: object) -> tuple[int, int]:
+    """(num_classes, in_chans) of a Spikformer/SDT state_dict, read off its head and first conv."""
+    if "head.weight" not in state or "patch_embed.proj_conv.weight" not in state:
+        raise ValueError(f"{source} does not look like a Spikformer/SDT state_dict (no head.weight / patch_embed.proj_conv.weight)")
+    return state["head.weight"].shape[0], state["patch_embed.proj_conv.weight"].shape[1]

@@ -26,6 +26,7 @@ pass the whole time sequence at once. Users cannot forget ``reset_net``.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import nn
@@ -107,13 +108,14 @@ def lif_backward_loop(
 class _Loops:
     """The two loops, compiled on first use when possible, else eager (same results)."""
 
+    eager = (lif_forward_loop, lif_backward_loop)
     compiled: tuple | None = None
     failed = False
 
     @classmethod
     def get(cls):
         if cls.failed or not _compile_enabled():
-            return lif_forward_loop, lif_backward_loop
+            return cls.eager
         if cls.compiled is None:
             # dynamic=True: one compile per (T, dtype, device), not per tensor size.
             cls.compiled = tuple(
@@ -128,17 +130,15 @@ class _Loops:
         try:
             return fn(*args)
         except Exception as err:  # no C++ compiler, unsupported platform, ...
-            if fn is (lif_forward_loop, lif_backward_loop)[which]:
+            if fn is cls.eager[which]:
                 raise
             cls.failed = True
             _logger.warning("torch.compile of the LIF loops failed (%s); using eager loops", err)
-            return (lif_forward_loop, lif_backward_loop)[which](*args)
+            return cls.eager[which](*args)
 
 
 def _compile_enabled() -> bool:
     """``SPIKEFORMERS_LIF_COMPILE=0`` forces the eager loops (e.g. for debugging)."""
-    import os
-
     return os.environ.get("SPIKEFORMERS_LIF_COMPILE", "1") != "0"
 
 

@@ -350,12 +350,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import open_dict
 
     import spikeformers  # noqa: F401
     from spikeformers.train.checkpoint import atomic_write, load_checkpoint
     from spikeformers.train.data import build_datasets
-    from spikeformers.train.evaluate import to_model_input
+    from spikeformers.train.evaluate import to_model_input, trained_configs
     from spikeformers.train.main import build_model
 
     GlobalHydra.instance().clear()
@@ -365,9 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     with open_dict(cfg):
         if args.checkpoint:
             state = load_checkpoint(args.checkpoint)
-            trained = OmegaConf.create(state["config"])
-            cfg.model, cfg.data = trained.model, trained.data if args.data == "digits" else cfg.data
-            cfg.model.pretrained, cfg.model.checkpoint = False, None  # weights come from the checkpoint
+            model_cfg, data_cfg = trained_configs(state)
+            cfg.model, cfg.data = model_cfg, data_cfg if args.data == "digits" else cfg.data
         else:
             cfg.model.name = args.model
             cfg.model.pretrained = bool(args.pretrained and "." in args.model)

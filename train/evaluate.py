@@ -22,7 +22,7 @@ from spikeformers.models.neurons import LIF
 from spikeformers.train.checkpoint import atomic_write, load_checkpoint
 from spikeformers.train.data import DataInfo, build_datasets
 
-__all__ = ["evaluate", "ShardSampler", "to_model_input", "main"]
+__all__ = ["evaluate", "ShardSampler", "to_model_input", "trained_configs", "main"]
 
 
 class ShardSampler(Sampler):
@@ -113,6 +113,14 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, info: DataInfo, device:
             "block_rates": rate.block_rates(), "dead_layers": sorted(rate.dead), "saturated_layers": sorted(rate.saturated)}
 
 
+def trained_configs(state: dict) -> tuple[DictConfig, DictConfig]:
+    """(model, data) configs stored in a ``spikeformers-train`` checkpoint. The weights come from
+    the checkpoint, so the run's own initialisation (``pretrained``/``checkpoint``) is cleared."""
+    trained = OmegaConf.create(state["config"])
+    trained.model.pretrained, trained.model.checkpoint = False, None
+    return trained.model, trained.data
+
+
 def run_eval(cfg: DictConfig) -> dict:
     """Evaluate the configured checkpoint or pretrained model; print a table; write JSON."""
     from spikeformers.train.main import build_model
@@ -120,12 +128,10 @@ def run_eval(cfg: DictConfig) -> dict:
     data_cfg, model_cfg, state = cfg.data, cfg.model, None
     if cfg.checkpoint:
         state = load_checkpoint(cfg.checkpoint)
-        trained = OmegaConf.create(state["config"])
-        model_cfg = trained.model
-        model_cfg.pretrained, model_cfg.checkpoint = False, None  # the weights come from the checkpoint
+        model_cfg, trained_data = trained_configs(state)
         # data comes from the checkpoint unless the user chose another data set on the command line
         if not cfg.data_from_cli:
-            data_cfg = trained.data
+            data_cfg = trained_data
     _, test_set, info = build_datasets(data_cfg)
     if state is not None and state["num_classes"] != info.num_classes:
         raise ValueError(f"checkpoint {cfg.checkpoint} has {state['num_classes']} classes but data={info.name} has {info.num_classes}")

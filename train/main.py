@@ -134,15 +134,12 @@ def _file_overlay(path: str) -> dict:
     """timm ``pretrained_cfg_overlay`` for a local weights file, with its own class/channel count
     (so a head that already fits the data is kept rather than re-initialised)."""
     from spikeformers.models.hub import load_weights
-    from spikeformers.models.layers import checkpoint_filter_fn
+    from spikeformers.models.layers import checkpoint_filter_fn, state_dims
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"model.checkpoint not found: {path}")
-    state = checkpoint_filter_fn(load_weights(path))
-    if "head.weight" not in state or "patch_embed.proj_conv.weight" not in state:
-        raise ValueError(f"model.checkpoint {path} is not a spikeformers/official model state (no head.weight)")
-    chans = state["patch_embed.proj_conv.weight"].shape[1]
-    return dict(file=str(path), url="", num_classes=state["head.weight"].shape[0], input_size=(chans, 32, 32))
+    num_classes, chans = state_dims(checkpoint_filter_fn(load_weights(path)), f"model.checkpoint {path}")
+    return dict(file=str(path), url="", num_classes=num_classes, input_size=(chans, 32, 32))
 
 
 def tet_loss(per_step_logits: torch.Tensor, target: torch.Tensor, lam: float, phi: float, criterion) -> torch.Tensor:
