@@ -34,10 +34,20 @@ OFFICIAL_CONFIGS = {
 }
 
 
+def reference_file(config: str, suffix: str) -> Path:
+    """``<config><suffix>`` from reference/keys (Spikformer, SDT v1) or reference/keys_more
+    (Spikingformer, SDT v2, QKFormer)."""
+    for folder in ("keys", "keys_more"):
+        path = REFERENCE / folder / f"{config}{suffix}"
+        if path.exists():
+            return path
+    raise FileNotFoundError(f"no reference file {config}{suffix} in {REFERENCE}/keys or keys_more")
+
+
 def read_key_list(config: str) -> list[tuple[str, tuple[int, ...]]]:
     """Parse ``<config>.txt``: ``key [d0,d1,...]`` per line, in official state_dict order."""
     entries = []
-    for line in (REFERENCE / "keys" / f"{config}.txt").read_text().splitlines():
+    for line in reference_file(config, ".txt").read_text().splitlines():
         if line.strip():
             key, shape = line.rsplit(" ", 1)
             entries.append((key, tuple(json.loads(shape))))
@@ -45,7 +55,30 @@ def read_key_list(config: str) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def read_summary(config: str) -> dict:
-    return json.loads((REFERENCE / "keys" / f"{config}.json").read_text())
+    return json.loads(reference_file(config, ".json").read_text())
+
+
+def assert_matches_official(model: torch.nn.Module, config: str) -> None:
+    """``model``'s state_dict has the official keys in official order, the official shapes, and
+    the exact parameter / state-tensor / BN-buffer counts of ``config``'s summary."""
+    state = model.state_dict()
+    expected = read_key_list(config)
+    summary = read_summary(config)
+    assert list(state) == [k for k, _ in expected], "keys (and their order) differ"
+    for key, shape in expected:
+        assert tuple(state[key].shape) == shape, key
+    assert sum(p.numel() for p in model.parameters()) == summary["n_params"]
+    assert len(state) == summary["n_state_tensors"]
+    buffers = sum(v.numel() for k, v in state.items() if k.rsplit(".", 1)[-1].startswith(("running", "num_batches")))
+    assert buffers == summary["n_buffers_elems"]
+
+
+def official_state(config: str) -> dict[str, torch.Tensor]:
+    """A random state_dict in the official layout of ``config`` (for strict-loading tests)."""
+    return {
+        key: torch.randint(0, 5, shape) if key.endswith("num_batches_tracked") else torch.randn(shape)
+        for key, shape in read_key_list(config)
+    }
 
 
 class Reference:
@@ -54,6 +87,8 @@ class Reference:
     configs = OFFICIAL_CONFIGS
     read_key_list = staticmethod(read_key_list)
     read_summary = staticmethod(read_summary)
+    assert_matches_official = staticmethod(assert_matches_official)
+    official_state = staticmethod(official_state)
 
 
 @pytest.fixture
