@@ -230,22 +230,23 @@ def _image_transform(cfg, train: bool):
     )
 
 
-def build_datasets(cfg) -> tuple[Dataset, Dataset, DataInfo]:
-    """(train set, test set, info) for the Hydra ``data`` config node."""
+def build_datasets(cfg, augment: bool = True) -> tuple[Dataset, Dataset, DataInfo]:
+    """(train set, test set, info) for the Hydra ``data`` config node. ``augment=False`` gives the
+    training split the evaluation transform (e.g. to calibrate a conversion on training data)."""
     name = cfg.name
     if name == "digits":
         info = DataInfo(name, 10, 1, cfg.img_size)
         return (
-            Digits(True, cfg.img_size, cfg.aug.max_shift),
+            Digits(True, cfg.img_size, cfg.aug.max_shift if augment else 0),
             Digits(False, cfg.img_size),
             info,
         )
     if name in _CIFAR:
-        train = CifarPickle(cfg.root, name, True, _image_transform(cfg, True))
+        train = CifarPickle(cfg.root, name, True, _image_transform(cfg, augment))
         test = CifarPickle(cfg.root, name, False, _image_transform(cfg, False))
         return train, test, DataInfo(name, train.num_classes, 3, cfg.img_size)
     if name == "tinyimagenet":
-        train = TinyImageNet(cfg.root, True, _image_transform(cfg, True))
+        train = TinyImageNet(cfg.root, True, _image_transform(cfg, augment))
         test = TinyImageNet(cfg.root, False, _image_transform(cfg, False))
         return train, test, DataInfo(name, len(train.class_to_idx), 3, cfg.img_size)
     if name == "imagenet":
@@ -256,7 +257,7 @@ def build_datasets(cfg) -> tuple[Dataset, Dataset, DataInfo]:
             folder = Path(cfg.root) / split
             if not folder.is_dir():
                 raise DatasetError(f"imagenet not found: expected {Path(cfg.root)}/{{train,val}}/<wnid>/*.JPEG; missing {folder}")
-            splits.append(ImageFolder(str(folder), transform=_image_transform(cfg, is_train)))
+            splits.append(ImageFolder(str(folder), transform=_image_transform(cfg, is_train and augment)))
         return splits[0], splits[1], DataInfo(name, len(splits[0].classes), 3, cfg.img_size)
     if name in ("cifar10dvs", "gesture"):
         from spikeformers.train.dvs import build_dvs_datasets

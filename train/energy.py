@@ -128,6 +128,9 @@ def layer_flops(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
 def input_type(x: torch.Tensor) -> str:
     if bool(((x == 0) | (x == 1)).all()):
         return "binary"
+    nonzero = x[x != 0]
+    if bool((nonzero == nonzero[0]).all()) and nonzero[0] > 0:
+        return "binary"  # spikes of one amplitude θ (IF neurons of a converted ANN, conversion.md §1.3)
     if bool((x == x.round()).all()) and bool((x >= 0).all()):
         return "integer"
     return "real"

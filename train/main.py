@@ -116,7 +116,9 @@ def build_model(model_cfg: DictConfig, info: DataInfo) -> torch.nn.Module:
         raise ValueError(f"model {name} is built for {kind}, but data={info.name} provides "
                          f"{'event-frame sequences' if info.sequence else 'static images'}")
     kwargs = dict(OmegaConf.to_container(model_cfg.args, resolve=True)) if model_cfg.args else {}
-    kwargs.update(num_classes=info.num_classes, in_chans=info.in_chans, T=model_cfg.T, backend=model_cfg.backend)
+    kwargs.update(num_classes=info.num_classes, in_chans=info.in_chans)
+    # Spiking models take T and the neuron backend; ANNs (QCFS, ViTs for ECMT) set both to null.
+    kwargs.update({k: model_cfg.get(k) for k in ("T", "backend") if model_cfg.get(k) is not None})
     pretrained = bool(model_cfg.pretrained)
     if model_cfg.get("checkpoint"):
         # Initialise from a file (our checkpoint, safetensors, converted official weights). timm then
@@ -124,8 +126,9 @@ def build_model(model_cfg: DictConfig, info: DataInfo) -> torch.nn.Module:
         kwargs["pretrained_cfg_overlay"] = _file_overlay(model_cfg.checkpoint)
         pretrained = True
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    if info.img_size % model.size_multiple:
-        raise ValueError(f"model {name} needs image sizes that are multiples of {model.size_multiple}, "
+    size_multiple = getattr(model, "size_multiple", 1)
+    if info.img_size % size_multiple:
+        raise ValueError(f"model {name} needs image sizes that are multiples of {size_multiple}, "
                          f"data={info.name} gives {info.img_size}")
     return model
 
@@ -188,7 +191,8 @@ def train(cfg: DictConfig) -> dict:
             param.requires_grad = pname.startswith("head.")
     optimizer = create_optimizer_v2(
         raw_model, opt=cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-        layer_decay=cfg.optim.layer_decay, **OmegaConf.to_container(cfg.optim.kwargs, resolve=True),
+        layer_decay=cfg.optim.layer_decay, filter_bias_and_bn=cfg.optim.get("filter_bias_and_bn", True),
+        **OmegaConf.to_container(cfg.optim.kwargs, resolve=True),
     )
     scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=cfg.sched.name, num_epochs=tcfg.epochs, warmup_epochs=cfg.sched.warmup_epochs,

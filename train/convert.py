@@ -1,0 +1,238 @@
+"""ANN→SNN conversion, evaluated over a list of time steps (``spikeformers-convert``).
+
+``spikeformers-convert qcfs --checkpoint RUN/checkpoints/best.pt --T 1,2,4,8,16,32`` converts a
+QCFS ANN trained with ``spikeformers-train`` (conversion.md §1) to IF neurons;
+``spikeformers-convert ecmt --checkpoint ... | --model vit_small_patch16_224 --pretrained`` converts
+a timm ViT with expectation compensation and multi-threshold neurons (§2). Both print a table of
+top-1 and relative output error against the ANN for every T, plot accuracy against T, and with
+``--json FILE`` write ``{"method", "model", "ann_top1", "snn": [{"T", "top1", "rel_error", ...}]}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from spikeformers.train.checkpoint import atomic_write, load_checkpoint
+
+__all__ = ["convert", "evaluate_conversion", "main"]
+
+METHODS = ("qcfs", "ecmt")
+
+
+def convert(method: str, ann: nn.Module, calibration=None, T: int = 4, **options) -> nn.Module:
+    """The SNN of ``ann`` for ``method``; ECMT needs ``calibration`` batches (inputs only)."""
+    if method == "qcfs":
+        from spikeformers.models.qcfs import to_snn
+
+        return to_snn(ann, T=T)
+    if method == "ecmt":
+        from spikeformers.models import ecmt
+
+        if calibration is None:
+            raise ValueError("ECMT conversion needs calibration batches")
+        percentile = options.pop("percentile", 0.99)
+        thresholds = ecmt.calibrate(ann, calibration, percentile=percentile)
+        snn = ecmt.convert(ann, thresholds, **options)
+        snn.T = T
+        return snn
+    raise ValueError(f"unknown conversion method {method!r}; expected one of {', '.join(METHODS)}")
+
+
+@torch.no_grad()
+def evaluate_conversion(ann: nn.Module, snn: nn.Module, loader, steps: list[int], dtype=torch.float32,
+                        device=torch.device("cpu"), max_samples: int | None = None) -> dict:
+    """ANN top-1, and for each T in ``steps`` the SNN's top-1 and relative L2 output error
+    ‖SNN_T − ANN‖ / ‖ANN‖ over the whole set. One SNN run to max(steps) gives every T, because
+    ``forward_steps`` returns the running mean after each step."""
+    ann.eval().to(device, dtype)
+    snn.eval().to(device, dtype)
+    t_max = max(steps)
+    correct = torch.zeros(t_max, dtype=torch.float64)
+    sq_err = torch.zeros(t_max, dtype=torch.float64)
+    ann_correct, ann_sq, n = 0, 0.0, 0
+    for images, target in loader:
+        if max_samples is not None and n >= max_samples:
+            break
+        if max_samples is not None:
+            images, target = images[: max_samples - n], target[: max_samples - n]
+        x, target = images.to(device, dtype), target.to(device)
+        reference = ann(x).double()
+        outputs = snn.forward_steps(x, t_max).double()  # [T, B, K]
+        ann_correct += int((reference.argmax(1) == target).sum())
+        ann_sq += float(reference.pow(2).sum())
+        correct += (outputs.argmax(2) == target).sum(1).cpu().double()
+        sq_err += (outputs - reference).pow(2).flatten(1).sum(1).cpu()
+        n += len(target)
+    if n == 0:
+        raise ValueError("the evaluation set is empty")
+    rows = [{"T": t, "top1": 100 * correct[t - 1].item() / n, "rel_error": math.sqrt(sq_err[t - 1].item() / max(ann_sq, 1e-300))}
+            for t in steps]
+    return {"ann_top1": 100 * ann_correct / n, "snn": rows, "n_samples": n}
+
+
+def plot_accuracy(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    Ts = [r["T"] for r in result["snn"]]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(Ts, [r["top1"] for r in result["snn"]], "o-", label="SNN")
+    ax.axhline(result["ann_top1"], color="gray", linestyle="--", label="ANN")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("time steps T")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"{result['method'].upper()}: {result['model']}")
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
+    plt.close(fig)
+    return path
+
+
+def _data_config(name: str | None, checkpoint_data):
+    """The data config: the checkpoint's, or the named data set's defaults (``--data``)."""
+    if name is None:
+        if checkpoint_data is None:
+            raise ValueError("give --data when converting a model that does not come from a spikeformers-train checkpoint")
+        return checkpoint_data
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("spikeformers.configs", version_base="1.3"):
+        return compose("train", overrides=[f"data={name}"]).data
+
+
+def _load_ann(args) -> tuple[nn.Module, str, object]:
+    """(ANN, its name, data config of its training run or None)."""
+    from omegaconf import OmegaConf
+
+    from spikeformers.train.data import build_datasets
+    from spikeformers.train.evaluate import trained_configs
+    from spikeformers.train.main import build_model
+
+    if args.checkpoint:
+        state = load_checkpoint(args.checkpoint)
+        model_cfg, data_cfg = trained_configs(state)
+        data_override = _data_config(args.data, data_cfg) if args.data else data_cfg
+        if args.data_root:
+            data_override.root = args.data_root
+        _, _, info = build_datasets(data_override, augment=False)
+        ann = build_model(model_cfg, info)
+        ann.load_state_dict(state["ema"] if (args.use_ema and state.get("ema")) else state["model"])
+        return ann, model_cfg.name, data_override
+    import timm
+
+    ann = timm.create_model(args.model, pretrained=args.pretrained, **(json.loads(args.model_args) if args.model_args else {}))
+    data_cfg = _data_config(args.data, None)
+    if args.data_root:
+        data_cfg.root = args.data_root
+    return ann, args.model, OmegaConf.create(OmegaConf.to_container(data_cfg))
+
+
+def _table(result: dict) -> str:
+    lines = [f"{result['method'].upper()} {result['model']}: ANN top-1 {result['ann_top1']:.2f}% "
+             f"({result['n_samples']} samples, {result['dtype']})",
+             f"{'T':>5} {'top1 %':>8} {'rel.err':>9}" + (f" {'energy':>9}" if "energy" in result["snn"][0] else "")]
+    for r in result["snn"]:
+        extra = f" {r['energy']:>9.4f}" if "energy" in r else ""
+        lines.append(f"{r['T']:>5} {r['top1']:>8.2f} {r['rel_error']:>9.4f}{extra}")
+    return "\n".join(lines)
+
+
+def _energy(method: str, ann: nn.Module, snn: nn.Module, x: torch.Tensor, steps: list[int]) -> list[float]:
+    """Energy per T: E_SNN/E_ANN (ECMT, §2.5), or the energy tool's SNN energy in mJ per sample (QCFS)."""
+    if method == "ecmt":
+        from spikeformers.models import ecmt
+
+        ratios = ecmt.energy_ratio(snn, x, max(steps))
+        return [ratios[t - 1] for t in steps]
+    from spikeformers.train.energy import analyze
+
+    energies = []
+    for t in steps:
+        snn.T = t
+        energies.append(analyze(snn, [x]).total_energy_mJ)
+    return energies
+
+
+def run(argv: list[str] | None = None) -> dict:
+    from spikeformers.train.data import build_datasets
+
+    parser = argparse.ArgumentParser(prog="spikeformers-convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("method", choices=METHODS)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoints/{best,last}.pt of a spikeformers-train run")
+    source.add_argument("--model", help="a timm model name (ECMT: a ViT/DeiT)")
+    parser.add_argument("--pretrained", action="store_true", help="with --model: load timm's pretrained weights")
+    parser.add_argument("--model-args", default=None, help='JSON constructor arguments for --model, e.g. \'{"num_classes": 10}\'')
+    parser.add_argument("--data", default=None, help="data set (digits, cifar10, ...): default the checkpoint's")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--T", default="1,2,4,8,16,32", help="comma-separated time steps")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--max-samples", type=int, default=None, help="evaluate on the first N test samples")
+    parser.add_argument("--calib-batches", type=int, default=4, help="ECMT: training batches for threshold calibration")
+    parser.add_argument("--percentile", type=float, default=0.99, help="ECMT: calibration percentile")
+    parser.add_argument("--levels", type=int, default=8, help="ECMT: thresholds per neuron (n) for linear, q/k and softmax probes")
+    parser.add_argument("--energy", action="store_true", help="also report energy per T on one test batch")
+    parser.add_argument("--no-ema", dest="use_ema", action="store_false")
+    parser.add_argument("--json", default=None, help="write the result as JSON to this file")
+    parser.add_argument("--plot", default=None, help="write the accuracy-vs-T plot (PNG) to this file")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    try:
+        steps = sorted({int(t) for t in args.T.split(",") if t.strip()})
+    except ValueError:
+        parser.error(f"--T must be comma-separated integers, got {args.T!r}")
+    if not steps or steps[0] < 1:
+        parser.error(f"--T needs positive integers, got {args.T!r}")
+    if args.method == "qcfs" and args.model and not args.checkpoint and not args.model.startswith("qcfs_"):
+        parser.error("qcfs converts an ANN trained with QCFS activations: pass --checkpoint of a qcfs_* run or a qcfs_* --model")
+
+    ann, model_name, data_cfg = _load_ann(args)
+    calib_set, test_set, _ = build_datasets(data_cfg, augment=False)
+    calibration = None
+    if args.method == "ecmt":
+        generator = torch.Generator().manual_seed(0)
+        calib_loader = DataLoader(calib_set, batch_size=args.batch_size, shuffle=True, generator=generator)
+        calibration = [x for _, (x, _) in zip(range(args.calib_batches), calib_loader)]
+        options = dict(percentile=args.percentile, n_linear=args.levels, n_qkv=args.levels, n_softmax=args.levels)
+    else:
+        options = {}
+    snn = convert(args.method, ann, calibration, T=steps[-1], **options)
+    dtype = getattr(torch, args.dtype)
+    loader = DataLoader(test_set, batch_size=args.batch_size)
+    result = {"method": args.method, "model": model_name, "dtype": args.dtype,
+              **evaluate_conversion(ann, snn, loader, steps, dtype, torch.device(args.device), args.max_samples)}
+    if args.energy:
+        x = next(iter(loader))[0][: args.batch_size].to(args.device, dtype)
+        for row, energy in zip(result["snn"], _energy(args.method, ann, snn, x, steps)):
+            row["energy"] = energy
+    print(_table(result))
+    if args.json:
+        atomic_write(args.json, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+    if args.plot:
+        plot_accuracy(result, Path(args.plot))
+    return result
+
+
+def main() -> int:
+    try:
+        run()
+    except (ValueError, FileNotFoundError) as error:
+        print(f"spikeformers-convert: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
