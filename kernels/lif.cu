@@ -42,7 +42,8 @@ __device__ __forceinline__ void lif_backward(const scalar_t* __restrict__ grad_s
     const float surrogate = (1.0f - sig) * sig * alpha;
     float dv_dh = h >= v_th ? 0.0f : 1.0f;
     if (!detach_reset) dv_dh += (v_reset - h) * surrogate;
-    const float grad_h = to_float(grad_spikes[k]) * surrogate + grad_h_next * (1.0f - 1.0f / tau) * dv_dh;
+    const float carried = grad_h_next * dv_dh;  // (g - g/tau): SpikingJelly's rounding, bit-identical for every tau
+    const float grad_h = to_float(grad_spikes[k]) * surrogate + (carried - carried / tau);
     grad_x[k] = from_float<scalar_t>(grad_h / tau);
     grad_h_next = grad_h;
   }

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from spikeformers.models import hub
-from spikeformers.models.layers import checkpoint_filter_fn, state_dims
+from spikeformers.models.layers import family_filter, state_dims
 
 __all__ = ["main", "convert"]
 
@@ -52,9 +52,10 @@ def convert(src: str | Path, model_name: str, out_dir: str | Path = ".", name: s
         raise FileNotFoundError(f"checkpoint not found: {src}")
     if not timm.is_model(model_name):
         raise ValueError(f"unknown model {model_name!r}")
-    state = checkpoint_filter_fn(_load_official(src, trust_pickle))
-    num_classes, in_chans = state_dims(state, src)
+    raw = _load_official(src, trust_pickle)
+    num_classes, in_chans = state_dims(family_filter(model_name)(raw), src, model_name)
     model = timm.create_model(model_name, num_classes=num_classes, in_chans=in_chans)
+    state = family_filter(model_name)(raw, model)  # with the model: layout-dependent renames
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

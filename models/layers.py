@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["seq", "time_sequence", "checkpoint_filter_fn", "state_dims", "SpikingClassifier", "checkpoint_block"]
+__all__ = ["seq", "time_sequence", "checkpoint_filter_fn", "family_filter", "state_dims", "SpikingClassifier", "checkpoint_block"]
 
 
 def seq(x: torch.Tensor, *modules: nn.Module) -> torch.Tensor:
@@ -137,8 +137,25 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module | None = None) -> di
     return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state_dict.items()}
 
 
-def state_dims(state: dict, source: object) -> tuple[int, int]:
-    """(num_classes, in_chans) of a Spikformer/SDT state_dict, read off its head and first conv."""
-    if "head.weight" not in state or "patch_embed.proj_conv.weight" not in state:
-        raise ValueError(f"{source} does not look like a Spikformer/SDT state_dict (no head.weight / patch_embed.proj_conv.weight)")
-    return state["head.weight"].shape[0], state["patch_embed.proj_conv.weight"].shape[1]
+def family_filter(model_name: str):
+    """The checkpoint filter of ``model_name``'s family: its module's ``checkpoint_filter_fn``
+    (e.g. Spikingformer's rename map), or the shared unwrapping one."""
+    import sys
+
+    import timm
+
+    module = sys.modules[timm.models.model_entrypoint(model_name).__module__]
+    return getattr(module, "checkpoint_filter_fn", checkpoint_filter_fn)
+
+
+def state_dims(state: dict, source: object, model_name: str | None = None) -> tuple[int, int]:
+    """(num_classes, in_chans) of a state_dict, read off the classifier and first conv that
+    ``model_name``'s timm cfg names (default: Spikformer/SDT's ``head``, ``patch_embed.proj_conv``)."""
+    import timm
+
+    cfg = timm.get_pretrained_cfg(model_name) if model_name else None
+    first_conv = (getattr(cfg, "first_conv", None) or "patch_embed.proj_conv") + ".weight"
+    classifier = (getattr(cfg, "classifier", None) or "head") + ".weight"
+    if classifier not in state or first_conv not in state:
+        raise ValueError(f"{source} does not look like a {model_name or 'Spikformer/SDT'} state_dict (no {classifier} / {first_conv})")
+    return state[classifier].shape[0], state[first_conv].shape[1]

@@ -99,7 +99,9 @@ def lif_backward_loop(
         dv_dh = torch.where(fire(h, v_threshold), 0.0, 1.0)
         if not detach_reset:
             dv_dh = dv_dh + (v_reset - h) * surrogate
-        grad_h = grad_spikes[t] * surrogate + grad_h_next * (1.0 - 1.0 / tau) * dv_dh
+        # (g - g / tau) rather than g * (1 - 1/tau): SpikingJelly's rounding, bit-identical for every tau
+        carried = grad_h_next * dv_dh
+        grad_h = grad_spikes[t] * surrogate + (carried - carried / tau)
         grads[t] = grad_h / tau
         grad_h_next = grad_h
     return torch.stack(grads)

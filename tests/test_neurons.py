@@ -82,6 +82,17 @@ def test_backends_agree(shape, v_threshold, tau, detach_reset):
     assert 0.0 < s_ref.mean() < 1.0  # the inputs exercise both spiking and silent neurons
 
 
+@pytest.mark.parametrize("tau", [1.5, 2.0, 3.0])
+def test_gradients_bit_identical_to_spikingjelly(tau):
+    """The eager loops round like SpikingJelly's backward, also for tau = 1.5 (Spikingformer DVS,
+    more_families.md §0); the compiled loops may differ in the last bit (checked ≤ 1e-6 above)."""
+    x = torch.randn(6, 2000) * 1.5 + 0.6
+    g = torch.randn(6, 2000)
+    _, g_ref = run(LIF(backend="spikingjelly", tau=tau), x, g)
+    _, h_seq = lif_forward_loop(x, tau, 1.0, 0.0)
+    assert torch.equal(lif_backward_loop(g, h_seq, tau, 1.0, 0.0, True, 4.0), g_ref)
+
+
 def test_eager_and_compiled_loops_agree():
     x = torch.randn(4, 1000) + 0.7
     g = torch.randn(4, 1000)

@@ -43,7 +43,7 @@ from spikeformers.train.data import DataInfo, EpochSeeded, build_datasets, sampl
 from spikeformers.train.evaluate import ShardSampler, evaluate, to_model_input
 from spikeformers.train.logging import MetricsCsv, NullLogger, WandbLogger, plot_curves
 
-__all__ = ["train", "main", "build_model", "tet_loss"]
+__all__ = ["train", "main", "build_model", "tet_loss", "distillation_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def build_model(model_cfg: DictConfig, info: DataInfo) -> torch.nn.Module:
     if model_cfg.get("checkpoint"):
         # Initialise from a file (our checkpoint, safetensors, converted official weights). timm then
         # adapts the first conv to in_chans and re-initialises the head if num_classes differs.
-        kwargs["pretrained_cfg_overlay"] = _file_overlay(model_cfg.checkpoint)
+        kwargs["pretrained_cfg_overlay"] = _file_overlay(model_cfg.checkpoint, name)
         pretrained = True
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
     size_multiple = getattr(model, "size_multiple", 1)
@@ -133,15 +133,15 @@ def build_model(model_cfg: DictConfig, info: DataInfo) -> torch.nn.Module:
     return model
 
 
-def _file_overlay(path: str) -> dict:
+def _file_overlay(path: str, model_name: str) -> dict:
     """timm ``pretrained_cfg_overlay`` for a local weights file, with its own class/channel count
     (so a head that already fits the data is kept rather than re-initialised)."""
     from spikeformers.models.hub import load_weights
-    from spikeformers.models.layers import checkpoint_filter_fn, state_dims
+    from spikeformers.models.layers import family_filter, state_dims
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"model.checkpoint not found: {path}")
-    num_classes, chans = state_dims(checkpoint_filter_fn(load_weights(path)), f"model.checkpoint {path}")
+    num_classes, chans = state_dims(family_filter(model_name)(load_weights(path)), f"model.checkpoint {path}", model_name)
     return dict(file=str(path), url="", num_classes=num_classes, input_size=(chans, 32, 32))
 
 
@@ -149,6 +149,27 @@ def tet_loss(per_step_logits: torch.Tensor, target: torch.Tensor, lam: float, ph
     """TET (architectures.md §6.3): (1 - λ) mean_t CE(out_t, y) + λ MSE(out, φ)."""
     ce = torch.stack([criterion(step, target) for step in per_step_logits]).mean()
     return (1 - lam) * ce + lam * F.mse_loss(per_step_logits, torch.full_like(per_step_logits, phi))
+
+
+def distillation_loss(output: tuple, images: torch.Tensor, target: torch.Tensor, criterion, teacher, alpha: float) -> torch.Tensor:
+    """Loss of a two-head model (more_families.md §2.8, DeiT hard distillation):
+    (1 − α)·criterion(head, y) + α·CE(head_kd, argmax teacher(x)). Without a teacher the
+    distillation head learns the labels too: ½·criterion(head, y) + ½·criterion(head_kd, y)."""
+    logits, logits_kd = output
+    if teacher is None:
+        return 0.5 * (criterion(logits, target) + criterion(logits_kd, target))
+    with torch.no_grad():
+        teacher_labels = teacher(images if images.dim() == 4 else images.mean(0)).argmax(1)
+    return (1 - alpha) * criterion(logits, target) + alpha * F.cross_entropy(logits_kd, teacher_labels)
+
+
+def build_teacher(dcfg: DictConfig, info: DataInfo, device: torch.device) -> torch.nn.Module | None:
+    if not dcfg.teacher:
+        return None
+    overlay = dict(file=str(dcfg.teacher_checkpoint)) if dcfg.teacher_checkpoint else None
+    teacher = timm.create_model(dcfg.teacher, pretrained=bool(dcfg.teacher_pretrained or overlay),
+                                pretrained_cfg_overlay=overlay, num_classes=info.num_classes, in_chans=info.in_chans)
+    return teacher.to(device).eval().requires_grad_(False)
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -212,6 +233,10 @@ def train(cfg: DictConfig) -> dict:
         criterion = torch.nn.CrossEntropyLoss()
     if tcfg.tet.enable:
         raw_model.per_step_logits = True
+    distill = tcfg.get("distill") or OmegaConf.create({"teacher": None, "alpha": 0.5})
+    teacher = build_teacher(distill, info, ctx.device)
+    if teacher is not None and not getattr(raw_model, "kd", False):
+        raise ValueError(f"trainer.distill.teacher is set but model {cfg.model.name} has no distillation head (use a *_kd model or model.args={{kd: true}})")
     ema = ModelEmaV3(raw_model, decay=tcfg.ema.decay) if tcfg.ema.enable else None
     amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[tcfg.amp_dtype]
     autocast = (lambda: torch.autocast(ctx.device.type, dtype=amp_dtype)) if tcfg.amp else nullcontext
@@ -294,8 +319,12 @@ def train(cfg: DictConfig) -> dict:
                 images, target = mixup_fn(images, target)
             with autocast():
                 output = model(images)
-                loss = (tet_loss(output, target, tcfg.tet.lam, tcfg.tet.phi, criterion) if tcfg.tet.enable
-                        else criterion(output, target))
+                if isinstance(output, tuple):  # (logits, logits_kd) of a distillation-head model
+                    loss = distillation_loss(output, images, target, criterion, teacher, distill.alpha)
+                elif tcfg.tet.enable:
+                    loss = tet_loss(output, target, tcfg.tet.lam, tcfg.tet.phi, criterion)
+                else:
+                    loss = criterion(output, target)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
