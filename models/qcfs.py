@@ -268,6 +268,7 @@ def to_snn(model: nn.Module, T: int = 4) -> ConvertedSNN:
 # --- CIFAR networks of the QCFS experiments ---------------------------------------------------
 
 VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+VGG_TINY_LAYERS = (32, "M", 64, "M", 128, 128, "M")  # CPU-sized, for the digits preset
 
 
 class VGG(nn.Module):
@@ -344,6 +345,7 @@ def _cfg(**kwargs) -> dict:
 
 default_cfgs = generate_default_cfgs({
     "qcfs_vgg16": _cfg(first_conv="features.0", classifier="classifier.7"),
+    "qcfs_vgg_tiny": _cfg(first_conv="features.0", classifier="classifier.7", input_size=(1, 32, 32), mean=(0.5,), std=(0.5,)),
     "qcfs_resnet18": _cfg(first_conv="stem.0", classifier="fc"),
     "qcfs_resnet20": _cfg(first_conv="stem.0", classifier="fc"),
 })
@@ -362,6 +364,13 @@ def _create(cls, name: str, pretrained: bool, levels: int, gradient: str, thresh
 def qcfs_vgg16(pretrained: bool = False, levels: int = 8, gradient: str = "clamp_first", **kwargs) -> nn.Module:
     """VGG-16 (CIFAR layout) with QCFS activations and average pooling."""
     return _create(VGG, "qcfs_vgg16", pretrained, levels, gradient, **kwargs)
+
+
+@register_model
+def qcfs_vgg_tiny(pretrained: bool = False, levels: int = 8, gradient: str = "clamp_first", **kwargs) -> nn.Module:
+    """A 4-conv VGG (32-64-128-128, FC 256) with QCFS activations: CPU-sized, for the digits preset."""
+    args = dict(layers=VGG_TINY_LAYERS, hidden=256, in_chans=1)
+    return _create(VGG, "qcfs_vgg_tiny", pretrained, levels, gradient, **dict(args, **kwargs))
 
 
 @register_model

@@ -81,7 +81,7 @@ def test_replace_activations_on_timm_models(name, count):
 
 
 def test_registered_qcfs_models():
-    for name, acts in [("qcfs_vgg16", 15), ("qcfs_resnet18", 17), ("qcfs_resnet20", 19)]:
+    for name, acts in [("qcfs_vgg16", 15), ("qcfs_vgg_tiny", 6), ("qcfs_resnet18", 17), ("qcfs_resnet20", 19)]:
         model = timm.create_model(name, num_classes=10, in_chans=1, levels=4)
         qcfs_layers = [m for m in model.modules() if isinstance(m, QCFS)]
         assert len(qcfs_layers) == acts and all(m.levels == 4 for m in qcfs_layers)
@@ -273,11 +273,11 @@ def test_convert_cli_on_a_trained_checkpoint(tmp_path, capsys):
     result = run(["qcfs", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "last.pt"), "--T", "1,4",
                   "--max-samples", "40", "--json", str(out), "--plot", str(tmp_path / "acc.png"), "--dtype", "float64"])
     saved = json.loads(out.read_text())
-    assert saved["method"] == "qcfs" and saved["model"] == "qcfs_resnet20"
+    assert saved["method"] == "qcfs" and saved["model"] == "qcfs_vgg_tiny"
     assert [r["T"] for r in saved["snn"]] == [1, 4] and set(saved["snn"][0]) >= {"T", "top1", "rel_error"}
     assert 0 <= saved["ann_top1"] <= 100 and saved == json.loads(json.dumps(result))
     assert (tmp_path / "acc.png").stat().st_size > 0
-    assert "QCFS qcfs_resnet20" in capsys.readouterr().out
+    assert "QCFS qcfs_vgg_tiny" in capsys.readouterr().out
 
 
 def test_convert_cli_rejects_bad_input(tmp_path):
