@@ -50,7 +50,7 @@ def convert(method: str, ann: nn.Module, calibration=None, T: int = 4, **options
 def evaluate_conversion(ann: nn.Module, snn: nn.Module, loader, steps: list[int], dtype=torch.float32,
                         device=torch.device("cpu"), max_samples: int | None = None) -> dict:
     """ANN top-1, and for each T in ``steps`` the SNN's top-1 and relative L2 output error
-    ‖SNN_T − ANN‖ / ‖ANN‖ over the whole set. One SNN run to max(steps) gives every T, because
+    ‖SNN_T − ANN‖ / ‖ANN‖ over the whole set. Both models are moved to ``device``/``dtype`` in place. One SNN run to max(steps) gives every T, because
     ``forward_steps`` returns the running mean after each step."""
     ann.eval().to(device, dtype)
     snn.eval().to(device, dtype)
@@ -182,7 +182,12 @@ def run(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-samples", type=int, default=None, help="evaluate on the first N test samples")
     parser.add_argument("--calib-batches", type=int, default=4, help="ECMT: training batches for threshold calibration")
     parser.add_argument("--percentile", type=float, default=0.99, help="ECMT: calibration percentile")
-    parser.add_argument("--levels", type=int, default=8, help="ECMT: thresholds per neuron (n) for linear, q/k and softmax probes")
+    parser.add_argument("--levels", type=int, default=8, help="ECMT: thresholds per neuron (n) at Linear inputs and v")
+    parser.add_argument("--qk-levels", type=int, default=8, help="ECMT: thresholds per neuron at q and k")
+    parser.add_argument("--softmax-levels", type=int, default=8, help="ECMT: thresholds per neuron at the softmax output")
+    parser.add_argument("--softmax-p", type=float, default=0.0125, help="ECMT: θ_p = θ_n at the softmax output")
+    parser.add_argument("--official-vit-fc2", action="store_true",
+                        help="ECMT: the official code's fixed fc2 thresholds (0.25, 0.08) for models named *vit*")
     parser.add_argument("--energy", action="store_true", help="also report energy per T on one test batch")
     parser.add_argument("--no-ema", dest="use_ema", action="store_false")
     parser.add_argument("--json", default=None, help="write the result as JSON to this file")
@@ -205,7 +210,8 @@ def run(argv: list[str] | None = None) -> dict:
         generator = torch.Generator().manual_seed(0)
         calib_loader = DataLoader(calib_set, batch_size=args.batch_size, shuffle=True, generator=generator)
         calibration = [x for _, (x, _) in zip(range(args.calib_batches), calib_loader)]
-        options = dict(percentile=args.percentile, n_linear=args.levels, n_qkv=args.levels, n_softmax=args.levels)
+        options = dict(percentile=args.percentile, n_linear=args.levels, n_qkv=args.qk_levels, n_softmax=args.softmax_levels,
+                       softmax_p=args.softmax_p, fc2_override=(0.25, 0.08) if args.official_vit_fc2 else None)
     else:
         options = {}
     snn = convert(args.method, ann, calibration, T=steps[-1], **options)
