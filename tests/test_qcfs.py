@@ -271,13 +271,27 @@ def test_convert_cli_on_a_trained_checkpoint(tmp_path, capsys):
     train(cfg)
     out = tmp_path / "result.json"
     result = run(["qcfs", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "last.pt"), "--T", "1,4",
-                  "--max-samples", "40", "--json", str(out), "--plot", str(tmp_path / "acc.png"), "--dtype", "float64"])
+                  "--json", str(out), "--plot", str(tmp_path / "acc.png"), "--dtype", "float64"])
     saved = json.loads(out.read_text())
     assert saved["method"] == "qcfs" and saved["model"] == "qcfs_vgg_tiny"
     assert [r["T"] for r in saved["snn"]] == [1, 4] and set(saved["snn"][0]) >= {"T", "top1", "rel_error"}
     assert 0 <= saved["ann_top1"] <= 100 and saved == json.loads(json.dumps(result))
     assert (tmp_path / "acc.png").stat().st_size > 0
     assert "QCFS qcfs_vgg_tiny" in capsys.readouterr().out
+
+    # the eval entry point evaluates the same conversion (convert=qcfs), with IF firing rates
+    from spikeformers.train.evaluate import run_eval
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module("spikeformers.configs", version_base="1.3"):
+        eval_cfg = compose("eval", overrides=[f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'last.pt'}",
+                                              "convert=qcfs", "convert_T=4"])
+    GlobalHydra.instance().clear()
+    evaluated = run_eval(eval_cfg)
+    four = next(r for r in saved["snn"] if r["T"] == 4)
+    assert "qcfs SNN, T=4" in evaluated["model"] and 0 < evaluated["firing_rate"] < 1
+    assert evaluated["n_samples"] == saved["n_samples"] == 360
+    assert abs(evaluated["top1"] - four["top1"]) <= 100 / 360 + 1e-9  # float32 here, float64 above: one flip at most
 
 
 def test_convert_cli_rejects_bad_input(tmp_path):

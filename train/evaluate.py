@@ -45,7 +45,7 @@ def to_model_input(images: torch.Tensor, info: DataInfo, device: torch.device) -
 
 
 class FiringRate:
-    """Firing rates of every LIF output (spikes / neuron-steps) via forward hooks: overall, per
+    """Firing rates of every LIF (and converted IF) output (spikes / neuron-steps) via forward hooks: overall, per
     block (``patch_embed``, ``block.i``, ``head_lif``), and the layers that were silent (rate 0)
     or saturated (rate 1) over a whole batch."""
 
@@ -54,14 +54,17 @@ class FiringRate:
         self.by_block: dict[str, list[float]] = {}
         self.dead: set[str] = set()
         self.saturated: set[str] = set()
-        self.hooks = [m.register_forward_hook(self._hook(name)) for name, m in model.named_modules() if isinstance(m, LIF)]
+        from spikeformers.models.qcfs import IFNeuron  # converted QCFS networks: spikes of amplitude θ
+
+        self.hooks = [m.register_forward_hook(self._hook(name)) for name, m in model.named_modules()
+                      if isinstance(m, (LIF, IFNeuron))]
 
     def _hook(self, name: str):
         parts = name.split(".")
         block = ".".join(parts[:2]) if parts[0] == "block" else parts[0]
 
         def hook(module, inputs, output) -> None:
-            spikes, count = float(output.detach().sum()), output.numel()
+            spikes, count = float(output.detach().count_nonzero()), output.numel()
             self.spikes += spikes
             self.count += count
             totals = self.by_block.setdefault(block, [0.0, 0])
@@ -140,9 +143,17 @@ def run_eval(cfg: DictConfig) -> dict:
     if state is not None:
         weights = state["ema"] if (cfg.use_ema and state.get("ema")) else state["model"]
         model.load_state_dict(weights)
+    if cfg.get("convert"):  # evaluate the ANN converted to an SNN (docs/conversion.md)
+        from spikeformers.train.convert import convert
+
+        calibration = None
+        if cfg.convert == "ecmt":
+            calib_set = build_datasets(data_cfg, augment=False)[0]
+            calibration = [x for _, (x, _) in zip(range(4), DataLoader(calib_set, batch_size=cfg.batch_size))]
+        model = convert(cfg.convert, model.cpu(), calibration, T=cfg.convert_T).to(device)
     loader = DataLoader(test_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
     stats = evaluate(model, loader, info, device)
-    result = {"model": model_cfg.name, "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else None, "dataset": info.name,
+    result = {"model": model_cfg.name + (f" ({cfg.convert} SNN, T={cfg.convert_T})" if cfg.get("convert") else ""), "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else None, "dataset": info.name,
               "top1": stats["top1"], "top5": stats["top5"], "loss": stats["loss"],
               "firing_rate": stats["firing_rate"], "n_samples": stats["n_samples"]}
     width = max(len(k) for k in result)
