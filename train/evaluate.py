@@ -92,7 +92,8 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, info: DataInfo, device:
     model.eval()
     model.per_step_logits = False
     rate = FiringRate(model)
-    sums = torch.zeros(5, dtype=torch.float64)  # loss, top1, top5, n, (unused)
+    sums = torch.zeros(5, dtype=torch.float64)  # loss, top1, top5, n, tokens (adaptive-token models)
+    baseline = None
     try:
         for images, target in loader:
             images, target = to_model_input(images, info, device), target.to(device)
@@ -100,8 +101,11 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, info: DataInfo, device:
             k = min(5, logits.shape[1])
             top = logits.topk(k, dim=1).indices
             correct = top.eq(target[:, None])
+            token_stats = getattr(model, "token_stats", None)  # AT-SNN: Σ_(l,t) active tokens per image
+            tokens = float(token_stats["tokens"].sum()) if token_stats else 0.0
+            baseline = token_stats["baseline"] if token_stats else None
             sums += torch.tensor([F.cross_entropy(logits, target, reduction="sum").item(),
-                                  correct[:, :1].sum().item(), correct.sum().item(), len(target), 0.0], dtype=torch.float64)
+                                  correct[:, :1].sum().item(), correct.sum().item(), len(target), tokens], dtype=torch.float64)
     finally:
         rate.remove()
         model.train(was_training)
@@ -113,6 +117,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, info: DataInfo, device:
     n = max(sums[3].item(), 1.0)
     return {"loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n,
             "firing_rate": fr[0].item() / max(fr[1].item(), 1.0), "n_samples": int(sums[3].item()),
+            "tokens_per_image": sums[4].item() / n if baseline else None, "tokens_baseline": baseline,
             "block_rates": rate.block_rates(), "dead_layers": sorted(rate.dead), "saturated_layers": sorted(rate.saturated)}
 
 
@@ -156,6 +161,8 @@ def run_eval(cfg: DictConfig) -> dict:
     result = {"model": model_cfg.name + (f" ({cfg.convert} SNN, T={cfg.convert_T})" if cfg.get("convert") else ""), "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else None, "dataset": info.name,
               "top1": stats["top1"], "top5": stats["top5"], "loss": stats["loss"],
               "firing_rate": stats["firing_rate"], "n_samples": stats["n_samples"]}
+    if stats["tokens_per_image"] is not None:
+        result |= {"tokens_per_image": stats["tokens_per_image"], "tokens_baseline": stats["tokens_baseline"]}
     width = max(len(k) for k in result)
     print("\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in result.items()))
     if cfg.json:

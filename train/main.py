@@ -325,6 +325,9 @@ def train(cfg: DictConfig) -> dict:
                     loss = tet_loss(output, target, tcfg.tet.lam, tcfg.tet.phi, criterion)
                 else:
                     loss = criterion(output, target)
+                aux_loss = getattr(raw_model, "aux_loss", None)  # e.g. AT-SNN: α_p·ponder + α_d·KL prior
+                if callable(aux_loss) and (extra := aux_loss()) is not None:
+                    loss = loss + extra
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -377,6 +380,8 @@ def train(cfg: DictConfig) -> dict:
                "test_loss": round(stats["loss"], 6), "test_top1": round(stats["top1"], 4), "test_top5": round(stats["top5"], 4),
                "epoch_seconds": round(time.time() - t0, 3), "train_seconds": round(train_seconds, 3),
                "firing_rate": round(stats["firing_rate"], 6)}
+        if stats.get("tokens_per_image") is not None:  # adaptive-token models (AT-SNN)
+            row["tokens_per_image"] = round(stats["tokens_per_image"], 3)
         if tcfg.log_block_rates:  # firing-rate monitor: mean rate per block on the test set
             row |= {f"fr_{block}": round(value, 6) for block, value in stats["block_rates"].items()}
         for kind in ("dead", "saturated"):

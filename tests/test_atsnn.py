@@ -1,0 +1,275 @@
+"""AT-SNN (models/atsnn.py): the tests of shared/spec/at_snn.md §7 (numbered as there)."""
+
+import pytest
+import timm
+import torch
+
+import spikeformers  # noqa: F401
+from spikeformers.models import atsnn
+from spikeformers.models.atsnn import (
+    Halting, bipartite_merge_map, distribution_prior_kl, distribution_target, group_any, halting_trace, lif_step,
+    merge_tokens, proportional_ssa, slot_sizes,
+)
+from spikeformers.models.neurons import LIF
+
+N, L, T = 64, 2, 4  # spikformer_tiny on 32×32: 8×8 tokens, 2 blocks, 4 time steps
+
+
+def make(seed=0, double=True, **opts):
+    """AT-SNN tiny model in eval mode and the plain Spikformer with the same weights."""
+    torch.manual_seed(seed)
+    model = timm.create_model("atsnn_spikformer_tiny", num_classes=10, in_chans=1, backend="torch", atsnn=opts)
+    base = timm.create_model("spikformer_tiny", num_classes=10, in_chans=1, backend="torch")
+    base.load_state_dict(model.state_dict(), strict=False)
+    # trained-like BN statistics so that tokens fire (random init leaves most LIFs silent)
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.5 - 0.3)
+            m.running_var.fill_(0.5)
+    base.load_state_dict(model.state_dict(), strict=False)
+    if opts.get("score_source") == "learned":  # a random halting head: token-dependent scores
+        with torch.no_grad():
+            model.halt_head.weight.copy_(torch.randn(1, 64, generator=torch.Generator().manual_seed(seed)))
+    if double:
+        model, base = model.double(), base.double()
+    return model.eval(), base.eval()
+
+
+def images(b=2, seed=1, double=True):
+    x = torch.randn(b, 1, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2
+    return x.double() if double else x
+
+
+# --- step-wise LIF -------------------------------------------------------------------------------
+
+
+def test_lif_step_reproduces_multistep_lif_exactly():
+    lif = LIF(backend="torch")
+    x = torch.randn(6, 3, 50) * 2
+    v, out = None, []
+    for t in range(6):
+        s, v = lif_step(lif, x[t], v)
+        out.append(s)
+    assert torch.equal(torch.stack(out), lif(x))
+
+
+# --- halting (§7 items 1, 2, 5, 6, 7) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reading", ["A", "B", "C"])
+def test_1_2_monotone_and_distribution(reading):
+    h = torch.rand(3, 4, 500, generator=torch.Generator().manual_seed(0)) * 0.6
+    out = halting_trace(h, reading)
+    mask, p = out["mask"], out["p"]
+    assert (p >= 0).all()
+    if reading == "A":  # raster order: t-major
+        order = lambda z: z.transpose(0, 1).reshape(-1, z.shape[-1])  # noqa: E731
+        assert (order(out["H"]).diff(dim=0) >= -1e-7).all()
+        assert (order(mask).diff(dim=0) <= 0).all(), "a halted token came back"
+        torch.testing.assert_close(p.sum((0, 1)), torch.ones(500), atol=1e-6, rtol=0)
+    else:
+        torch.testing.assert_close(p.sum(0), torch.ones(4, 500), atol=1e-6, rtol=0)  # per row
+        assert (mask.diff(dim=0) <= 0).all()  # along blocks
+    if reading == "B":  # halted set is an upper set: also monotone along t
+        assert (mask.diff(dim=1) <= 0).all()
+        assert (out["H"].diff(dim=1) >= -1e-7).all() and (out["H"].diff(dim=0) >= -1e-7).all()
+        assert (mask[0] == 1).all(), "block 1 always runs"
+
+
+@pytest.mark.parametrize("reading", ["A", "B", "C"])
+def test_7_hand_example(reading):
+    h = torch.tensor([[0.3, 0.7], [0.5, 0.2]])[..., None]  # h[l, t], one token, L = T = 2
+    out = halting_trace(h, reading)
+    expected = {  # (mask[l, t], p[l, t], ρ): worked by hand in docs/atsnn.md
+        "A": ([[1, 1], [1, 0]], [[0.3, 0.2], [0.5, 0.0]], 3.2),  # H: .3, .8, 1.5 ≥ .99 at (1, 2) → R = .2
+        "B": ([[1, 1], [1, 0]], [[0.3, 1.0], [0.7, 0.0]], 4.7),  # H(1, 2) = .3 + .7 ≥ .99 → row 2 ends at l = 1
+        "C": ([[1, 1], [1, 1]], [[0.3, 0.7], [0.7, 0.3]], 5.0),  # forced at l = L every row
+    }[reading]
+    torch.testing.assert_close(out["mask"][..., 0], torch.tensor(expected[0], dtype=torch.float32))
+    torch.testing.assert_close(out["p"][..., 0], torch.tensor(expected[1]))
+    assert out["rho"].item() == pytest.approx(expected[2])
+
+
+@pytest.mark.parametrize("reading", ["A", "B", "C"])
+def test_5_immediate_halting(reading):
+    out = halting_trace(torch.ones(L, T, 7), reading)
+    rows = 1 if reading == "A" else T
+    assert out["mask"].sum() == 7 * rows
+    assert torch.equal(out["rho"], torch.full((7,), 2.0 * rows))  # ρ = 1 position + R = 1 (per row)
+    assert (out["p"][0, 0] == 1).all()
+    model, _ = make(reading=reading, gate_center=-1e4)  # h = 1 everywhere
+    model(images())
+    assert torch.equal(model.token_stats["tokens"], torch.full((2,), float(N * rows)))
+
+
+def test_6_ponder_gradient_only_through_remainder():
+    h = torch.tensor([[0.3, 0.7], [0.5, 0.2]], requires_grad=True)
+    halting_trace(h[..., None], "A")["rho"].sum().backward()
+    # ρ = positions + R, R = 1 − h(1,1) − h(2,1): −1 before the halting position, 0 at and after it
+    torch.testing.assert_close(h.grad, torch.tensor([[-1.0, 0.0], [-1.0, 0.0]]))
+
+
+# --- the model: reduction to Spikformer (items 3, 4) ---------------------------------------------
+
+
+@pytest.mark.parametrize("opts", [dict(halting=False, merge_r=0), None])
+def test_4_flags_off_is_spikformer_bit_identical(opts):
+    torch.manual_seed(0)
+    model = timm.create_model("atsnn_spikformer_tiny", num_classes=10, in_chans=1, backend="torch", atsnn=opts).eval()
+    base = timm.create_model("spikformer_tiny", num_classes=10, in_chans=1, backend="torch").eval()
+    base.load_state_dict(model.state_dict(), strict=False)
+    x = images(double=False)
+    assert torch.equal(model(x), base(x))
+    assert torch.equal(model.token_stats["tokens"], torch.full((2,), float(N * L * T)))
+
+
+@pytest.mark.parametrize("reading,readout", [("A", "time_mean"), ("B", "mean_field"), ("C", "mean_field")])
+def test_3_no_halting_matches_spikformer(reading, readout):
+    model, base = make(reading=reading, readout=readout, gate_center=1e4)  # h = 0 but the forced last
+    x = images()
+    torch.testing.assert_close(model(x), base(x), atol=1e-9, rtol=1e-9)
+    assert torch.equal(model.token_stats["tokens"], torch.full((2,), float(N * L * T)))
+
+
+def test_3_no_halting_mean_field_under_A_is_head_of_last_position():
+    model, base = make(gate_center=1e4)
+    x = images()
+    feats = base.forward_features(x)  # [T, B, N, D]
+    torch.testing.assert_close(model(x), base.head(feats[-1].mean(1)), atol=1e-9, rtol=1e-9)
+
+
+# --- masking and counting (items 8-11) ------------------------------------------------------------
+
+
+# token-dependent halting: a random learned halting head (tests only)
+PARTIAL = [dict(reading="A", gate_center=2.0, gate_scale=0.1, score_source="learned"),
+           dict(reading="B", gate_center=1.0, gate_scale=0.1, score_source="learned"),
+           dict(reading="C", gate_center=-2.0, score_source="learned"),
+           dict(reading="A", gate_center=2.0, gate_scale=0.1, score_source="learned", merge_r=6)]
+
+
+@pytest.mark.parametrize("opts", PARTIAL)
+def test_8_halted_tokens_cannot_leak(opts):
+    model, _ = make(**opts)
+    x = images()
+    ref = model(x)
+    tokens = model.token_stats["tokens"]
+    assert (tokens < N * L * T).all() and tokens.unique().numel() > 1, "the test needs token-dependent halting"
+    model._scramble_inactive = True
+    torch.testing.assert_close(model(x), ref, atol=1e-12, rtol=0)
+    assert torch.equal(model.token_stats["tokens"], tokens)
+
+
+@pytest.mark.parametrize("opts", PARTIAL)
+def test_9_gather_at_batch1_equals_masking(opts):
+    x = images(1, seed=3)
+    masked, _ = make(gather_at_batch1=False, **opts)
+    gathered, _ = make(gather_at_batch1=True, **opts)
+    torch.testing.assert_close(gathered(x), masked(x), atol=1e-9, rtol=1e-9)
+    assert torch.equal(gathered.token_stats["tokens"], masked.token_stats["tokens"])
+    assert masked.token_stats["tokens"].item() < N * L * T
+
+
+def test_10_11_count_is_mask_sum_falls_with_c_and_is_deterministic():
+    x = images(4)
+    means = []
+    for c in (4.0, 2.0, 0.5, -2.0):
+        model, _ = make(gate_center=c)
+        model(x)
+        stats = model.token_stats
+        assert torch.equal(stats["per_position"].sum(), stats["tokens"].mean() * 1)  # Σ_(l,t) = per image
+        first = stats["tokens"].clone()
+        model(x)
+        assert torch.equal(model.token_stats["tokens"], first)  # deterministic, state reset per forward
+        means.append(first.mean().item())
+    assert all(a >= b for a, b in zip(means, means[1:])) and means[0] > means[-1]
+
+
+# --- merging (items 12-16) ------------------------------------------------------------------------
+
+
+def test_12_13_merge_conserves_mass_and_count():
+    g = torch.Generator().manual_seed(0)
+    B, n, D = 5, 20, 8
+    for r in (0, 1, 4, 9, 30):
+        x, metric = torch.randn(B, n, D, generator=g), torch.randn(B, n, 6, generator=g)
+        active = torch.rand(B, n, generator=g) < 0.6
+        sizes = torch.randint(1, 4, (B, n), generator=g).float()
+        slot = bipartite_merge_map(metric, active, r)
+        r_eff = min(r, (n - 1) // 2)
+        n_new = n - r_eff
+        assert slot.min() >= 0 and slot.max() == n_new - 1
+        merged = merge_tokens(x, sizes, slot, n_new)
+        new_sizes = sizes.new_zeros(B, n_new).scatter_add(1, slot, sizes)
+        torch.testing.assert_close((merged * new_sizes[..., None]).sum(1), (x * sizes[..., None]).sum(1))
+        assert torch.equal(new_sizes.sum(1), sizes.sum(1)) and (new_sizes >= 1).all()
+        assert torch.equal(new_sizes, new_sizes.round())
+        new_active = group_any(active, slot, n_new)
+        expected = active.sum(1) - torch.minimum(torch.tensor(r_eff), active.sum(1) // 2)
+        assert torch.equal(new_active.sum(1), expected)
+        # never an active token with a halted one
+        assert torch.equal(group_any(~active, slot, n_new) & new_active, torch.zeros_like(new_active))
+        if r == 0:
+            assert torch.equal(slot, torch.arange(n).expand(B, n)) and torch.equal(merged, x)
+
+
+def test_14_proportional_ssa_equals_duplicated_keys():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = ((torch.rand(1, 2, 5, 4, generator=g) < 0.5).double() for _ in range(3))
+    sizes = torch.tensor([[1.0, 3.0, 1.0, 2.0, 1.0]])
+    reps = sizes[0].long()
+    dup = lambda z: z.repeat_interleave(reps, dim=2)  # noqa: E731
+    assert torch.equal(proportional_ssa(q, k, v, sizes, 0.125), proportional_ssa(q, dup(k), dup(v), None, 0.125))
+
+
+def test_15_merging_identical_tokens_keeps_gap():
+    x = torch.randn(1, 4, 3).double()
+    x[0, 3] = x[0, 1]
+    sizes = torch.tensor([[1.0, 2.0, 1.0, 1.0]]).double()
+    slot = torch.tensor([[0, 1, 2, 1]])
+    merged = merge_tokens(x, sizes, slot, 3)
+    new_sizes = slot_sizes(slot, 3).double() * 0 + torch.tensor([[1.0, 3.0, 1.0]]).double()
+    gap = lambda z, s: (z * s[..., None]).sum(1) / s.sum()  # noqa: E731
+    torch.testing.assert_close(gap(merged, new_sizes), gap(x, sizes))
+
+
+def test_16_merge_decided_once_for_all_time_steps(monkeypatch):
+    calls = []
+    original = atsnn.bipartite_merge_map
+    monkeypatch.setattr(atsnn, "bipartite_merge_map", lambda *a: calls.append(1) or original(*a))
+    model, _ = make(merge_r=[4, 4], gate_center=1e4)
+    model(images())
+    assert len(calls) == L  # one decision per block, at t = 0, reused for t > 0
+    assert torch.equal(model.token_stats["per_position"], torch.tensor([[64.0] * T, [60.0] * T]).double())
+
+
+# --- losses and training (items 17, 18) -----------------------------------------------------------
+
+
+def test_17_distribution_prior():
+    target = distribution_target(12, 8.0, 1.0, 0.02)
+    assert target[:8].sum().item() == pytest.approx(0.98, abs=1e-6)
+    assert distribution_prior_kl(target, target).item() == pytest.approx(0.0, abs=0.02)  # up to the clamp
+    assert distribution_prior_kl(torch.full((12,), 1 / 12), target) > 0.3
+    flat = distribution_target(8, 5.0, 3.0, 0.02)
+    assert distribution_prior_kl(flat, flat).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_training_step_gives_aux_loss_and_gradients():
+    model, _ = make(double=False, merge_r=4, gate_center=1.0)
+    model.train()
+    out = model(images(4, double=False))
+    aux = model.aux_loss()
+    assert aux is not None and torch.isfinite(aux) and aux > 0
+    (out.logsumexp(1).mean() + aux).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(grads) > 10 and all(torch.isfinite(g).all() for g in grads)
+    assert model.block[0].attn.q_linear.weight.grad.abs().sum() > 0
+
+
+def test_halting_state_is_per_token():
+    state = Halting("A", 2, 2, (3,), 0.01, torch.zeros(3))
+    p = state.update(0, 0, torch.tensor([0.2, 0.995, 1.0]), torch.ones(3, dtype=torch.bool))
+    assert torch.equal(state.active(), torch.tensor([True, False, False]))
+    torch.testing.assert_close(p, torch.tensor([0.2, 1.0, 1.0]))
