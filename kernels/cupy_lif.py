@@ -37,11 +37,11 @@ def available() -> tuple[bool, str]:
 
 
 @lru_cache(maxsize=None)
-def _module():
+def _module(file: str = "lif.cu"):
     import cupy
 
     root = importlib.resources.files("spikeformers.kernels")
-    source = root.joinpath("lif.cu").read_text()
+    source = root.joinpath(file).read_text()
     source = source.replace('#include "spike_types.cuh"', root.joinpath("spike_types.cuh").read_text())
     # --fmad=false: no fused multiply-add contraction, so results match the CPU reference bit for bit.
     return cupy.RawModule(code=source, options=("--std=c++17", "--fmad=false"))
@@ -56,13 +56,13 @@ def _arg(t: torch.Tensor):
     return cupy.asarray(t.view(torch.int16) if t.dtype == torch.bfloat16 else t)
 
 
-def _launch(name: str, n: int, device: torch.device, *args) -> None:
-    """Launch on ``device`` and on torch's current stream for that device."""
+def _launch(name: str, n: int, device: torch.device, *args, file: str = "lif.cu") -> None:
+    """Launch kernel ``name`` of ``file`` on ``device`` and on torch's current stream for that device."""
     import cupy
 
     if n == 0:
         return
-    kernel = _module().get_function(name)
+    kernel = _module(file).get_function(name)
     with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
         kernel(((n + _BLOCK - 1) // _BLOCK,), (_BLOCK,), args)
 

@@ -214,6 +214,13 @@ class MultiThresholdNeuron(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # contiguous: q/k/v arrive as permuted views, and the threshold search wants dense rows
+        if x.is_cuda:
+            from spikeformers.kernels import cupy_convert
+
+            if cupy_convert.usable(x):  # kernels/convert.cu: the same step, one thread per neuron
+                if self.v is None:
+                    self.v = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
+                return cupy_convert.multi_threshold_step(x, self.v, self.theta_p, self.theta_n, self.levels)
         self.v = x.clone(memory_format=torch.contiguous_format) if self.v is None else self.v + x
         spike = fire(self.v, self.theta_p, self.theta_n, self.levels)
         self.v = self.v - spike

@@ -97,6 +97,11 @@ class IFNeuron(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = x.reshape(self.T, -1, *x.shape[1:])  # [T, B, ...]
+        if x.is_cuda:
+            from spikeformers.kernels import cupy_convert
+
+            if cupy_convert.usable(x):  # kernels/convert.cu: the same recurrence, one thread per neuron
+                return cupy_convert.if_forward(z, self.threshold.item()).reshape(x.shape)
         theta = self.threshold.to(x.dtype)
         v = torch.full_like(z[0], 0.5) * theta
         spikes = []

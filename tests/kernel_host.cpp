@@ -2,6 +2,7 @@
 // as C++ through kernels/host_shim.cuh; each entry point launches a kernel as host loops.
 #include "host_shim.cuh"
 #include "lif.cu"
+#include "convert.cu"
 
 static unsigned int blocks(long long n, unsigned int block) { return (unsigned int)((n + block - 1) / block); }
 
@@ -28,3 +29,18 @@ extern "C" void host_pack_spikes(const float* s, unsigned int* words, long long 
 extern "C" void host_unpack_spikes(const unsigned int* words, float* s, long long n, unsigned int block) {
   shim_launch(blocks(n, block), block, unpack_spikes_f32, words, s, n);
 }
+
+#define HOST_CONVERT(SUFFIX, TYPE)                                                                          \
+  extern "C" void host_if_forward_##SUFFIX(const void* z, void* s, long long T, long long M, double theta,  \
+                                           unsigned int block) {                                          \
+    shim_launch(blocks(M, block), block, if_forward_##SUFFIX, (const TYPE*)z, (TYPE*)s, T, M, theta);      \
+  }                                                                                                       \
+  extern "C" void host_multi_threshold_step_##SUFFIX(const void* x, void* v, void* s, long long M,         \
+                                                     double theta_p, double theta_n, int levels,          \
+                                                     unsigned int block) {                                \
+    shim_launch(blocks(M, block), block, multi_threshold_step_##SUFFIX, (const TYPE*)x, (TYPE*)v, (TYPE*)s, \
+                M, theta_p, theta_n, levels);                                                             \
+  }
+
+HOST_CONVERT(f32, float)
+HOST_CONVERT(f64, double)

@@ -134,3 +134,47 @@ def test_cupy_backend_matches_torch_backend_on_gpu(dtype):
     assert torch.equal(outs["cupy"][0], outs["torch"][0])
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(outs["cupy"][1].float(), outs["torch"][1].float(), rtol=tol, atol=tol)
+
+
+# --- conversion neurons (kernels/convert.cu) against models.qcfs / models.ecmt -------------------
+
+CONVERT_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("M,block", [(1000, 128), (33, 32), (1, 64)])
+def test_if_neuron_kernel_matches_qcfs_reference(host, dtype, M, block):
+    from spikeformers.models.qcfs import IFNeuron
+
+    T, theta = 7, 0.8125
+    z = torch.rand(T, M, dtype=dtype) * 1.2 - 0.2
+    z[2, 0] = theta / 2  # v = θ exactly at step 3 for neuron 0 when it has not fired: a tie fires
+    spikes = torch.empty_like(z)
+    getattr(host, f"host_if_forward_{CONVERT_SUFFIX[dtype]}")(
+        _ptr(z), _ptr(spikes), ctypes.c_longlong(T), ctypes.c_longlong(M), ctypes.c_double(theta), ctypes.c_uint(block))
+    neuron = IFNeuron(theta).to(dtype)
+    neuron.T = T
+    reference = neuron(z.reshape(T * M)).reshape(T, M)
+    assert torch.equal(spikes, reference)
+    assert 0 < (spikes != 0).float().mean() < 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("theta_p,theta_n,levels", [(0.1, 0.1, 4), (0.37, 0.05, 8), (0.2, -0.1, 3)])
+def test_multi_threshold_kernel_matches_ecmt_reference(host, dtype, theta_p, theta_n, levels):
+    from spikeformers.models.ecmt import MultiThresholdNeuron
+
+    M, steps = 517, 6
+    xs = torch.randn(steps, M, dtype=dtype)
+    xs[0, :4] = torch.tensor([theta_p * 1.5, -theta_n * 0.5, theta_p * 2 ** (levels - 1) * 3, 0.0], dtype=dtype)  # ties, saturation
+    reference = MultiThresholdNeuron("fc1", theta_p, theta_n, levels)
+    v = torch.zeros(M, dtype=dtype)
+    for x in xs:
+        spikes = torch.empty_like(x)
+        getattr(host, f"host_multi_threshold_step_{CONVERT_SUFFIX[dtype]}")(
+            _ptr(x), _ptr(v), _ptr(spikes), ctypes.c_longlong(M), ctypes.c_double(theta_p), ctypes.c_double(theta_n),
+            ctypes.c_int(levels), ctypes.c_uint(128))
+        expected = reference(x)
+        assert torch.equal(spikes, expected)
+        assert torch.equal(v, reference.v)
+    assert (spikes != 0).any()
