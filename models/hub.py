@@ -82,6 +82,14 @@ _CONVERT_NOTE = ("official file: download it from the url, then `spikeformers-hu
                  "and load the result with pretrained_cfg_overlay=dict(file=...); sha256 is recorded by the first "
                  "conversion")
 
+_BAIDU_NOTE = " (Baidu Pan, extraction code abcd)"
+_SPIKINGFORMER_SOURCE = "official Spikingformer release (github.com/zhouchenlin2096/Spikingformer README)" + _BAIDU_NOTE
+_SDTV2_SOURCE = "official Meta-SpikeFormer release (github.com/BICLab/Spike-Driven-Transformer-V2 README, 55M_kd folder)"
+_QKFORMER_SOURCE = ("official QKFormer release (github.com/zhouchenlin2096/QKFormer; the links were removed from its README "
+                    "in 2026-04, availability unknown)")
+_QKFORMER_NOTE = ("; the released weights were trained with the batch-coupled SSA: build with legacy_tb_lif=True "
+                  "(the default for pretrained QKFormer ImageNet models) and evaluate at the official batch size")
+
 REGISTRY: dict[str, Weights] = {
     w.name: w
     for w in [
@@ -104,6 +112,22 @@ REGISTRY: dict[str, Weights] = {
                 ("10_512", 74.66, "1l-c3QY5r4IFmYUmGPZXRHP_W7iC1sdP8"),
                 ("8_768", 77.07, "1R-MaeFV8d2Y0pIGBSjklOGWhaF8dLHf4"),
             ]
+        ],
+        Weights("spikingformer_imagenet_8_768.in1k", "spikingformer_imagenet_8_768.in1k.safetensors", "", "ImageNet-1k", 4,
+                75.85, _SPIKINGFORMER_SOURCE, url="https://pan.baidu.com/s/1LsECpFOxh30O3vHWow8OGQ", num_classes=1000,
+                input_size=(3, 224, 224), notes=_CONVERT_NOTE.format(arch="spikingformer_imagenet_8_768")),
+        Weights("spikingformer_cifar10_4_384.cifar10", "spikingformer_cifar10_4_384.cifar10.safetensors", "",
+                "CIFAR-10 (400 epochs)", 4, 95.81, _SPIKINGFORMER_SOURCE, url="https://pan.baidu.com/s/1mjpD2gtz5ZX0M8N3jobjzA",
+                notes=_CONVERT_NOTE.format(arch="spikingformer_cifar10_4_384")),
+        Weights("sdtv2_imagenet_8_512_kd.in1k", "sdtv2_imagenet_8_512_kd.in1k.safetensors", "", "ImageNet-1k (T=4, KD)", 4,
+                80.0, _SDTV2_SOURCE, url="https://drive.google.com/drive/folders/12JcIRG8BF6JcgPsXIetSS14udtHXeSSx",
+                num_classes=1000, input_size=(3, 224, 224), notes=_CONVERT_NOTE.format(arch="sdtv2_imagenet_8_512_kd")),
+        *[
+            Weights(f"qkformer_imagenet_{arch}.in1k", f"qkformer_imagenet_{arch}.in1k.safetensors", "", "ImageNet-1k", 4, top1,
+                    _QKFORMER_SOURCE, url="https://drive.google.com/drive/folders/1vhq9jmhmuyZ5_RGHuWD4wniza856qF8U",
+                    num_classes=1000, input_size=(3, 224, 224),
+                    notes=_CONVERT_NOTE.format(arch=f"qkformer_imagenet_{arch}") + _QKFORMER_NOTE)
+            for arch, top1 in [("10_384", 78.80), ("10_512", 82.04), ("10_768", 84.22)]
         ],
     ]
 }

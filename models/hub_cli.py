@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 for w in hub.REGISTRY.values():
                     top1 = f"{w.top1:.2f}%" if w.top1 is not None else "-"
-                    print(f"{w.name:<28} {w.dataset[:24]:<24} T={w.T:<3} top1={top1:<8} sha256={(w.sha256 or 'unregistered')[:12]}")
+                    print(f"{w.name:<36} {w.dataset[:24]:<24} T={w.T:<3} top1={top1:<8} sha256={(w.sha256 or 'unregistered')[:12]}")
         elif args.command == "download":
             print(hub.fetch(args.name, progress=True))
         elif args.command == "verify":

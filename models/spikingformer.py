@@ -328,13 +328,13 @@ default_cfgs = generate_default_cfgs(
     {
         "spikingformer_tiny": _cifar_cfg(input_size=(1, 32, 32), mean=(0.5,), std=(0.5,),
                                          notes="own CPU-sized variant; default cfg = digits"),
-        "spikingformer_cifar10_4_384": _cifar_cfg(),
+        "spikingformer_cifar10_4_384.cifar10": _cifar_cfg(**hub.timm_cfg("spikingformer_cifar10_4_384.cifar10")),
         "spikingformer_cifar100_4_384": _cifar_cfg(num_classes=100),
         "spikingformer_cifar10_4_256": _cifar_cfg(),
         "spikingformer_cifar10_2_384": _cifar_cfg(),
         "spikingformer_imagenet_8_384": _cfg(),
         "spikingformer_imagenet_8_512": _cfg(),
-        "spikingformer_imagenet_8_768": _cfg(),
+        "spikingformer_imagenet_8_768.in1k": _cfg(**hub.timm_cfg("spikingformer_imagenet_8_768.in1k")),
         "spikingformer_cifar10dvs_2_256": _dvs_cfg(10),
         "spikingformer_gesture_2_256": _dvs_cfg(11),
     }
