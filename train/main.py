@@ -209,7 +209,7 @@ def train(cfg: DictConfig) -> dict:
 
     if tcfg.freeze_backbone:  # fine-tuning: train only the classifier
         for pname, param in raw_model.named_parameters():
-            param.requires_grad = pname.startswith("head.")
+            param.requires_grad = pname.startswith(("head.", "head_kd."))
     optimizer = create_optimizer_v2(
         raw_model, opt=cfg.optim.name, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
         layer_decay=cfg.optim.layer_decay, filter_bias_and_bn=cfg.optim.get("filter_bias_and_bn", True),
