@@ -137,3 +137,40 @@ def test_firing_rate_monitor_and_dead_layer_detection():
     assert all(0 < r < 1 for r in trained["block_rates"].values())
     untrained = evaluate(timm.create_model("sdt_tiny"), loader, info, torch.device("cpu"))  # BN stats 0/1: silent
     assert untrained["dead_layers"], "an untrained model in eval mode barely spikes"
+
+
+# --- the families of more_families.md: input type per layer (§4) -------------------------------
+
+
+def _types(name: str, **kwargs) -> tuple[dict, dict]:
+    model = timm.create_model(name, **kwargs).train()  # train mode: batch statistics, as the spec's check
+    report = analyze(model, [torch.rand(2, model.in_chans, 32, 32) * 4])
+    return {r.name: r.input_type for r in report.layers}, {r.name: r for r in report.layers}
+
+
+def test_spikingformer_inputs_binary_except_first_conv_and_head():
+    kinds, records = _types("spikingformer_tiny")
+    assert kinds.pop("patch_embed.block0_conv") == "real" and kinds.pop("head") == "real"
+    assert set(kinds.values()) == {"binary"}
+    assert {"block.0.attn.q_k", "block.0.attn.attn_v"} <= set(records)  # CIFAR kind: (Q Kᵀ) V
+
+
+def test_qkformer_stream_fed_convs_get_integers():
+    kinds, records = _types("qkformer_tiny")
+    assert kinds["patch_embed1.proj_conv"] == "real"
+    integer = {k for k, v in kinds.items() if v == "integer"}
+    assert integer and all(("q_conv" in k or "k_conv" in k or "v_conv" in k or "mlp1_conv" in k or "fc1_conv" in k
+                            or "patch_embed" in k) for k in integer), integer
+    assert any(k.endswith(".q_sum") for k in records) and any(k.endswith(".mask_k") for k in records)
+    q_sum = next(r for k, r in records.items() if k.endswith(".q_sum"))
+    assert q_sum.op == "qk_sum" and q_sum.flops == q_sum.input_shape[0] * q_sum.input_shape[1]  # O(N·D)
+
+
+def test_sdtv2_counts_repconv_and_sepconv_as_merged_convs_on_spikes():
+    kinds, records = _types("sdtv2_tiny", depths=(1, 1))  # the digits variant has no attention blocks
+    real = {k for k, v in kinds.items() if v == "real"}
+    assert real == {"downsample1_1.encode_conv"}, real  # merged view: every other conv sees spikes (§4)
+    assert not any(".body." in k or k.endswith("pwconv2") for k in records)
+    rep = next(r for k, r in records.items() if k.endswith("q_conv.0 (merged)"))
+    C = rep.input_shape[0]
+    assert rep.flops == rep.input_shape[1] * rep.input_shape[2] * 9 * C * C  # one 3×3 conv C → C
