@@ -156,13 +156,19 @@ class _Recorder:
         self.spikes: dict[str, torch.Tensor] = {}
         self.attention_blocks: list[tuple[int, int]] = []  # (N, D) of each attention call in a batch
         self.hooks = [model.register_forward_pre_hook(self._model_input)]
+        merged = _merged_chains(model)
+        skipped = {part for chain in merged.values() for part in chain[1]}
+        kinds = _attention_kinds()
         for name, m in model.named_modules():
-            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            if name in merged:
+                self.hooks.append(m.register_forward_hook(self._merged(f"{name} (merged)", *merged[name][0])))
+            elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and name not in skipped:
                 self.hooks.append(m.register_forward_hook(self._layer(name)))
-            elif type(m).__name__ in ("SSALinear", "SSAConv", "SpikeDrivenSelfAttention"):
-                for part in ("q_lif", "k_lif", "v_lif"):
+            elif type(m) in kinds:
+                parts = ("q_lif", "k_lif", "attn_lif") if kinds[type(m)] == "qk_token" else ("q_lif", "k_lif", "v_lif")
+                for part in parts:
                     self.hooks.append(getattr(m, part).register_forward_hook(self._spike(f"{name}.{part}")))
-                self.hooks.append(m.register_forward_hook(self._attention(name)))
+                self.hooks.append(m.register_forward_hook(self._attention(name, kinds[type(m)])))
 
     def _model_input(self, model, args):
         x = args[0]
@@ -197,21 +203,40 @@ class _Recorder:
             self.spikes[name] = out.detach()
         return hook
 
-    def _attention(self, name):
+    def _merged(self, name, kernel: int, in_channels: int, out_channels: int):
+        """A linear conv chain counted as the one k×k conv it re-parameterises into, on the chain's
+        (binary) input (more_families.md §4: SDT v2's RepConv and SepConv)."""
         def hook(module, args, out):
-            q, k, v = (self.spikes.pop(f"{name}.{p}") for p in ("q_lif", "k_lif", "v_lif"))
+            x = args[0].detach()
+            view, steps, shape = _per_step(x, self.T, self.B)
+            rates = (view != 0).float().mean(dim=(1, 2))
+            flops = out.shape[0] * out.shape[-2] * out.shape[-1] * kernel * kernel * in_channels * out_channels
+            self._add(name, "conv2d", shape, flops // (steps * self.B), steps, input_type(view), rates)
+        return hook
+
+    def _attention(self, name, kind: str):
+        def hook(module, args, out):
+            if kind == "qk_token":
+                q, k, mask = (self.spikes.pop(f"{name}.{p}") for p in ("q_lif", "k_lif", "attn_lif"))
+            else:
+                q, k, v = (self.spikes.pop(f"{name}.{p}") for p in ("q_lif", "k_lif", "v_lif"))
             T, B = q.shape[:2]
             if q.dim() == 4 and type(module).__name__ == "SSALinear":  # [T, B, N, C]
                 N, D = q.shape[2], q.shape[3]
             else:  # [T, B, C, N] or [T, B, C, H, W]
                 D, N = q.shape[2], q[0, 0, 0].numel()
             rate = lambda s: (s != 0).float().reshape(T, B, -1).mean(dim=(1, 2))  # noqa: E731
-            if type(module).__name__ == "SpikeDrivenSelfAttention":
+            if kind == "qk_token":  # QKFormer: Σ_d q per (head, token), then mask ⊙ k (both O(N·D))
+                self._add(f"{name}.q_sum", "qk_sum", [N, D], N * D, T, "binary", rate(q))
+                self._add(f"{name}.mask_k", "qk_mask", [N, D], N * D, T, "binary", rate(mask))
+                self.attention_blocks.append((N, D))
+                return
+            if kind == "sdsa":
                 self._add(f"{name}.sdsa", "sdsa", [N, D], N * D, T, "binary", rate(k * v))
                 self.attention_blocks.append((N, D))
                 return
             d = D // module.num_heads
-            if getattr(module, "order", None) == "q_kv_scale":  # ImageNet Spikformer: Q·(Kᵀ·V)
+            if kind == "ssa_q_kv" or getattr(module, "order", None) == "q_kv_scale":  # Q·(Kᵀ·V)
                 self._add(f"{name}.k_v", "ssa_kv", [N, D], N * D * d, T, "binary", rate(k))
                 self._add(f"{name}.q_kv", "ssa_q_kv", [N, D], N * D * d, T, "binary", rate(q))
             else:
@@ -223,6 +248,34 @@ class _Recorder:
     def remove(self):
         for h in self.hooks:
             h.remove()
+
+
+def _attention_kinds() -> dict[type, str]:
+    """Attention modules whose products are counted from their q/k/v spikes: "ssa" (Q·Kᵀ·V, order
+    from the module's ``order``), "ssa_q_kv" (always Q·(Kᵀ·V)), "sdsa" (mask-and-add), "qk_token"."""
+    from spikeformers.models import qkformer, sdt, sdt_v2, spikformer, spikingformer
+
+    return {spikformer.SSALinear: "ssa", spikformer.SSAConv: "ssa", spikingformer.SpikingSelfAttention: "ssa",
+            sdt.SpikeDrivenSelfAttention: "sdsa", sdt_v2.MSAttention: "ssa_q_kv",
+            qkformer.SpikingSelfAttention: "ssa_q_kv", qkformer.QKTokenAttention: "qk_token"}
+
+
+def _merged_chains(model: nn.Module) -> dict[str, tuple[tuple[int, int, int], list[str]]]:
+    """{module whose forward is recorded as one conv: ((kernel, C_in, C_out), [convs not recorded])}.
+    SDT v2's RepConv (1×1 → BN-and-pad → depthwise 3×3 → 1×1) is one 3×3 conv on its spike input;
+    a SepConv's depthwise 7×7 → 1×1 is one 7×7 conv on the depthwise conv's spike input."""
+    from spikeformers.models import sdt_v2
+
+    chains = {}
+    for name, m in model.named_modules():
+        if isinstance(m, sdt_v2.RepConv):
+            first, (dw, pw, _) = m.body[0], m.body[2]
+            chains[name] = ((dw.kernel_size[0], first.in_channels, pw.out_channels),
+                            [f"{name}.body.0", f"{name}.body.2.0", f"{name}.body.2.1"])
+        elif isinstance(m, sdt_v2.SepConv):
+            chains[f"{name}.dwconv"] = ((m.dwconv.kernel_size[0], m.dwconv.in_channels, m.pwconv2.out_channels),
+                                        [f"{name}.pwconv2"])
+    return chains
 
 
 def analyze(model: nn.Module, batches, cfg: EnergyConfig | None = None, model_name: str = "") -> EnergyReport:
