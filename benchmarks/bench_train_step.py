@@ -168,7 +168,10 @@ def make_model_step(torch, name, backend, args, device):
             if isinstance(module, LIF):
                 module.forward = lambda x: x
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, *model.pretrained_cfg["input_size"], generator=gen).to(device)
+    chans, height, width = model.pretrained_cfg["input_size"]
+    if args.img_size:  # e.g. ImageNet configs at a CPU-sized input
+        height = width = args.img_size
+    x = torch.randn(args.batch, chans, height, width, generator=gen).to(device)
     y = torch.randint(0, model.num_classes, (args.batch,), generator=gen).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
 
@@ -264,7 +267,7 @@ def configurations(models, limit=False, checkpointing=False):
 def run_config(config, args):
     cmd = [sys.executable, "-P", os.path.abspath(__file__), "--worker", *config,
            "--batch", str(args.batch), "--T", str(args.T), "--iters", str(args.iters),
-           "--warmup", str(args.warmup), "--device", args.device]
+           "--warmup", str(args.warmup), "--device", args.device] + (["--img-size", str(args.img_size)] if args.img_size else [])
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -319,6 +322,7 @@ def main(argv=None):
                         help="untimed steps before them (min 2): the first call (first_call_s), "
                              "the memory step, then plain ones (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--img-size", type=int, default=None, help="input height = width (default: the model's cfg)")
     parser.add_argument("--T", default="4", help="time steps, or a comma list such as 1,2,4,8 (default: %(default)s)")
     parser.add_argument("--checkpointing", action="store_true",
                         help="also time the torch backend with gradient checkpointing over blocks")
