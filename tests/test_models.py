@@ -23,19 +23,8 @@ def sf_lif(x, v_threshold=1.0):
 
 
 def test_state_dict_matches_official_key_list(official_config, reference):
-    config = official_config
-    name, num_classes = reference.configs[config]
-    model = timm.create_model(name, num_classes=num_classes)
-    state = model.state_dict()
-    expected = reference.read_key_list(config)
-    summary = reference.read_summary(config)
-    assert list(state) == [k for k, _ in expected], "keys (and their order) differ"
-    for key, shape in expected:
-        assert tuple(state[key].shape) == shape, key
-    assert sum(p.numel() for p in model.parameters()) == summary["n_params"]
-    assert len(state) == summary["n_state_tensors"]
-    buffers = sum(v.numel() for k, v in state.items() if k.rsplit(".", 1)[-1].startswith(("running", "num_batches")))
-    assert buffers == summary["n_buffers_elems"]
+    name, num_classes = reference.configs[official_config]
+    reference.assert_matches_official(timm.create_model(name, num_classes=num_classes), official_config)
 
 
 @pytest.mark.parametrize("config", ["sf_cifar10_4_384", "sf_cifar10dvs_2_256", "sdt_cifar10_2_256"])
