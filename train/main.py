@@ -109,7 +109,7 @@ def build_model(model_cfg: DictConfig, info: DataInfo) -> torch.nn.Module:
     """Create the timm model for the data set, failing early on incompatible combinations."""
     name = model_cfg.name
     if not timm.is_model(name):
-        raise ValueError(f"unknown model {name!r}; registered: {', '.join(timm.list_models('s*former*') + timm.list_models('sdt*'))}")
+        raise ValueError(f"unknown model {name!r}; registered: {', '.join(timm.list_models(['s*former*', 'sdt*', 'qkformer*', 'qcfs*', 'atsnn*']))}")
     default_chans = timm.get_pretrained_cfg(name).input_size[0]
     if (default_chans == 2) != info.sequence:
         kind = "event-frame (DVS) sequences" if default_chans == 2 else "static images"
