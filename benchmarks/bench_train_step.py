@@ -59,6 +59,9 @@ import tempfile
 import time
 
 DEFAULT_MODELS = ("spikformer_cifar_4_384", "sdt_cifar_2_512", "lif")
+# One configuration per later family (`--models families`); SDT v2 is ImageNet-only, so time it with
+# a CPU-sized input (`--img-size 32`).
+FAMILY_MODELS = ("spikingformer_cifar10_4_384", "qkformer_cifar10_4_384", "sdtv2_imagenet_8_384")
 BACKENDS = ("spikingjelly", "torch")
 # "identity": every LIF replaced by the identity, so only convs, GEMMs, BN and pooling are left:
 # the limit no neuron implementation can beat (models only, with --limit).
@@ -315,7 +318,7 @@ def write_json(path, records):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                        help="comma list of timm model names; 'lif' adds the neuron-only rows "
+                        help="comma list of timm model names; 'lif' adds the neuron-only rows, 'families' one config of each later family "
                              "(default: %(default)s)")
     parser.add_argument("--iters", type=int, default=10, help="timed steps (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=3,
@@ -361,6 +364,7 @@ def main(argv=None):
     ours = [n for n in timm.list_models()
             if timm.models.model_entrypoint(n).__module__.startswith("spikeformers.")]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    models = [name for m in models for name in (FAMILY_MODELS if m == "families" else (m,))]
     if not models:
         parser.error("--models is empty")
     for m in models:
