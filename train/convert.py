@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from spikeformers.train.checkpoint import atomic_write, load_checkpoint
 
-__all__ = ["convert", "evaluate_conversion", "main"]
+__all__ = ["convert", "calibration_batches", "evaluate_conversion", "main"]
 
 METHODS = ("qcfs", "ecmt")
 
@@ -44,6 +44,13 @@ def convert(method: str, ann: nn.Module, calibration=None, T: int = 4, **options
         snn.T = T
         return snn
     raise ValueError(f"unknown conversion method {method!r}; expected one of {', '.join(METHODS)}")
+
+
+def calibration_batches(train_set, batch_size: int, count: int) -> list[torch.Tensor]:
+    """ECMT calibration inputs: the first ``count`` batches of the training set in a fixed
+    shuffled order (seed 0), images only."""
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+    return [x for _, (x, _) in zip(range(count), loader)]
 
 
 @torch.no_grad()
@@ -111,31 +118,30 @@ def _data_config(name: str | None, checkpoint_data):
         return compose("train", overrides=[f"data={name}"]).data
 
 
-def _load_ann(args) -> tuple[nn.Module, str, object]:
-    """(ANN, its name, data config of its training run or None)."""
+def _load_ann(args) -> tuple[nn.Module, str, object, object]:
+    """(ANN, its name, training split without augmentation, test split). The data set is the
+    checkpoint's training run's unless ``--data`` names another; a timm ``--model`` needs ``--data``."""
     from omegaconf import OmegaConf
 
     from spikeformers.train.data import build_datasets
     from spikeformers.train.evaluate import trained_configs
     from spikeformers.train.main import build_model
 
-    if args.checkpoint:
-        state = load_checkpoint(args.checkpoint)
-        model_cfg, data_cfg = trained_configs(state)
-        data_override = _data_config(args.data, data_cfg) if args.data else data_cfg
-        if args.data_root:
-            data_override.root = args.data_root
-        _, _, info = build_datasets(data_override, augment=False)
-        ann = build_model(model_cfg, info)
-        ann.load_state_dict(state["ema"] if (args.use_ema and state.get("ema")) else state["model"])
-        return ann, model_cfg.name, data_override
-    import timm
-
-    ann = timm.create_model(args.model, pretrained=args.pretrained, **(json.loads(args.model_args) if args.model_args else {}))
-    data_cfg = _data_config(args.data, None)
+    state = load_checkpoint(args.checkpoint) if args.checkpoint else None
+    model_cfg, trained_data = trained_configs(state) if state is not None else (None, None)
+    data_cfg = _data_config(args.data, trained_data) if args.data or state is None else trained_data
+    data_cfg = OmegaConf.create(OmegaConf.to_container(data_cfg))
     if args.data_root:
         data_cfg.root = args.data_root
-    return ann, args.model, OmegaConf.create(OmegaConf.to_container(data_cfg))
+    calib_set, test_set, info = build_datasets(data_cfg, augment=False)
+    if state is None:
+        import timm
+
+        ann = timm.create_model(args.model, pretrained=args.pretrained, **(json.loads(args.model_args) if args.model_args else {}))
+        return ann, args.model, calib_set, test_set
+    ann = build_model(model_cfg, info)
+    ann.load_state_dict(state["ema"] if (args.use_ema and state.get("ema")) else state["model"])
+    return ann, model_cfg.name, calib_set, test_set
 
 
 def _table(result: dict) -> str:
@@ -165,8 +171,6 @@ def _energy(method: str, ann: nn.Module, snn: nn.Module, x: torch.Tensor, steps:
 
 
 def run(argv: list[str] | None = None) -> dict:
-    from spikeformers.train.data import build_datasets
-
     parser = argparse.ArgumentParser(prog="spikeformers-convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("method", choices=METHODS)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -203,13 +207,10 @@ def run(argv: list[str] | None = None) -> dict:
     if args.method == "qcfs" and args.model and not args.checkpoint and not args.model.startswith("qcfs_"):
         parser.error("qcfs converts an ANN trained with QCFS activations: pass --checkpoint of a qcfs_* run or a qcfs_* --model")
 
-    ann, model_name, data_cfg = _load_ann(args)
-    calib_set, test_set, _ = build_datasets(data_cfg, augment=False)
+    ann, model_name, calib_set, test_set = _load_ann(args)
     calibration = None
     if args.method == "ecmt":
-        generator = torch.Generator().manual_seed(0)
-        calib_loader = DataLoader(calib_set, batch_size=args.batch_size, shuffle=True, generator=generator)
-        calibration = [x for _, (x, _) in zip(range(args.calib_batches), calib_loader)]
+        calibration = calibration_batches(calib_set, args.batch_size, args.calib_batches)
         options = dict(percentile=args.percentile, n_linear=args.levels, n_qkv=args.qk_levels, n_softmax=args.softmax_levels,
                        softmax_p=args.softmax_p, fc2_override=(0.25, 0.08) if args.official_vit_fc2 else None)
     else:

@@ -161,7 +161,7 @@ class _Recorder:
         kinds = _attention_kinds()
         for name, m in model.named_modules():
             if name in merged:
-                self.hooks.append(m.register_forward_hook(self._merged(f"{name} (merged)", *merged[name][0])))
+                self.hooks.append(m.register_forward_hook(self._layer(f"{name} (merged)", merged[name][0])))
             elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and name not in skipped:
                 self.hooks.append(m.register_forward_hook(self._layer(name)))
             elif type(m) in kinds:
@@ -185,7 +185,10 @@ class _Recorder:
         s["rate_sum"] += rates.double() * self.B  # per-sample weighting across batches of any size
         s["samples"] += self.B
 
-    def _layer(self, name):
+    def _layer(self, name, merged: tuple[int, int, int] | None = None):
+        """Record a conv/linear call. ``merged`` = (kernel, C_in, C_out): the module is a linear conv
+        chain counted as the one k×k conv it re-parameterises into, on the chain's (spike) input
+        (more_families.md §4: SDT v2's RepConv and SepConv)."""
         def hook(module, args, out):
             x = args[0].detach()
             view, steps, shape = _per_step(x, self.T, self.B)
@@ -194,24 +197,17 @@ class _Recorder:
                 rates = view.float().mean(dim=(1, 2))  # spikes per entry: one AC per spike
             else:
                 rates = (view != 0).float().mean(dim=(1, 2))  # one AC per non-zero entry
-            flops = layer_flops(module, x, out) // (steps * self.B)  # per sample and time step
-            self._add(name, type(module).__name__.lower(), shape, flops, steps, kind, rates)
+            if merged is None:
+                flops, op = layer_flops(module, x, out), type(module).__name__.lower()
+            else:
+                kernel, in_channels, out_channels = merged
+                flops, op = out.shape[0] * out.shape[-2] * out.shape[-1] * kernel * kernel * in_channels * out_channels, "conv2d"
+            self._add(name, op, shape, flops // (steps * self.B), steps, kind, rates)  # per sample and time step
         return hook
 
     def _spike(self, name):
         def hook(module, args, out):
             self.spikes[name] = out.detach()
-        return hook
-
-    def _merged(self, name, kernel: int, in_channels: int, out_channels: int):
-        """A linear conv chain counted as the one k×k conv it re-parameterises into, on the chain's
-        (binary) input (more_families.md §4: SDT v2's RepConv and SepConv)."""
-        def hook(module, args, out):
-            x = args[0].detach()
-            view, steps, shape = _per_step(x, self.T, self.B)
-            rates = (view != 0).float().mean(dim=(1, 2))
-            flops = out.shape[0] * out.shape[-2] * out.shape[-1] * kernel * kernel * in_channels * out_channels
-            self._add(name, "conv2d", shape, flops // (steps * self.B), steps, input_type(view), rates)
         return hook
 
     def _attention(self, name, kind: str):

@@ -140,7 +140,7 @@ def run_eval(cfg: DictConfig) -> dict:
         # data comes from the checkpoint unless the user chose another data set on the command line
         if not cfg.data_from_cli:
             data_cfg = trained_data
-    _, test_set, info = build_datasets(data_cfg)
+    train_set, test_set, info = build_datasets(data_cfg, augment=False)  # train split: ECMT calibration only
     if state is not None and state["num_classes"] != info.num_classes:
         raise ValueError(f"checkpoint {cfg.checkpoint} has {state['num_classes']} classes but data={info.name} has {info.num_classes}")
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -149,12 +149,9 @@ def run_eval(cfg: DictConfig) -> dict:
         weights = state["ema"] if (cfg.use_ema and state.get("ema")) else state["model"]
         model.load_state_dict(weights)
     if cfg.get("convert"):  # evaluate the ANN converted to an SNN (docs/conversion.md)
-        from spikeformers.train.convert import convert
+        from spikeformers.train.convert import calibration_batches, convert
 
-        calibration = None
-        if cfg.convert == "ecmt":
-            calib_set = build_datasets(data_cfg, augment=False)[0]
-            calibration = [x for _, (x, _) in zip(range(4), DataLoader(calib_set, batch_size=cfg.batch_size))]
+        calibration = calibration_batches(train_set, cfg.batch_size, 4) if cfg.convert == "ecmt" else None
         model = convert(cfg.convert, model.cpu(), calibration, T=cfg.convert_T).to(device)
     loader = DataLoader(test_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
     stats = evaluate(model, loader, info, device)
