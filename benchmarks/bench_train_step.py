@@ -9,7 +9,13 @@ What is measured, per (model, backend):
   generator, so both backends see the same weights and the same batch.
 - neuron-only rows ``lif[TxBx...]``: ``LIF(backend=...)`` forward + backward (with a fixed random
   output gradient) on [T, B, 64, 384], [T, B, 64, 1536] and [T, B, 48, 32, 32]: Spikformer-4-384's
-  token neurons, its MLP hidden neurons and its first patch-splitting stage.
+  token neurons, its MLP hidden neurons and its first patch-splitting stage. ``gb_per_s`` is the
+  bandwidth the LIF reaches (24 bytes per neuron-step in fp32, see ``LIF_BYTES_PER_ELEMENT``); the
+  ``copy`` row moves the same bytes with one tensor copy, the memory-bound limit for the neuron.
+- ``sdsa`` rows (``--models sdsa``): the SDSA operator alone, forward + backward, on SDT-2-512's
+  [T, B, 512, 64] spikes: the official unfused op order against the fused ``models/sdsa.py``.
+- ``--checkpointing`` / ``--packed`` add the torch backend with gradient checkpointing
+  (``torch+ckpt``) or packed spike storage (``torch+packed``); ``--limit`` the identity neurons.
 
 Every configuration runs in a fresh subprocess of this script (one JSON line back on stdout),
 one after the other in the same run: a model's two backends run back to back.
@@ -50,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -67,6 +74,12 @@ BACKENDS = ("spikingjelly", "torch")
 # the limit no neuron implementation can beat (models only, with --limit).
 LIMIT = "identity"
 CHECKPOINTED = "torch+ckpt"  # torch backend with gradient checkpointing over blocks (--checkpointing)
+PACKED = "torch+packed"  # torch backend, spikes saved for backward stored as bits (--packed)
+# LIF rows, bandwidth: fp32 forward reads X and writes S and H, backward reads dS and H and writes dX:
+# 6 x 4 bytes per neuron-step. "copy" moves the same bytes with one tensor copy (12 B read, 12 B
+# written per element): the machine's memory bandwidth for this access pattern, the LIF's limit.
+LIF_BYTES_PER_ELEMENT = 24
+COPY = "copy"
 LIF_FEATURES = ((64, 384), (64, 1536), (48, 32, 32))  # per-sample shapes after [T, B]
 COLUMNS = ("model", "backend", "T", "batch", "ms_per_step", "peak_mb", "first_call_s")
 
@@ -162,7 +175,7 @@ def make_model_step(torch, name, backend, args, device):
     from spikeformers.models.neurons import LIF
 
     torch.manual_seed(0)
-    model = timm.create_model(name, backend="torch" if backend in (LIMIT, CHECKPOINTED) else backend,
+    model = timm.create_model(name, backend="torch" if backend in (LIMIT, CHECKPOINTED, PACKED) else backend,
                               T=args.T).to(device).train()
     if backend == CHECKPOINTED:
         model.set_grad_checkpointing(True)
@@ -178,8 +191,15 @@ def make_model_step(torch, name, backend, args, device):
     y = torch.randint(0, model.num_classes, (args.batch,), generator=gen).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
 
+    from contextlib import nullcontext
+
+    from spikeformers.models.memory import packed_spikes
+
+    storage = packed_spikes if backend == PACKED else nullcontext
+
     def step():
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        with storage():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -187,11 +207,39 @@ def make_model_step(torch, name, backend, args, device):
     return step
 
 
+SDSA_FEATURES = (512, 64)  # SDT-2-512 on CIFAR: C channels, N tokens
+SDSA_BACKENDS = ("unfused", "torch")  # official op order (k⊙v, sum, LIF, q⊙mask) vs models/sdsa.py
+
+
+def make_sdsa_step(torch, features, backend, args, device):
+    """The SDSA operator alone, forward + backward, on random spikes [T, B, C, N]."""
+    from spikeformers.models.neurons import LIF
+    from spikeformers.models.sdsa import sdsa, sdsa_reference
+
+    lif = LIF(v_threshold=0.5, backend="torch")
+    gen = torch.Generator().manual_seed(0)
+    shape = (args.T, args.batch, *features)
+    q, k, v = ((torch.rand(shape, generator=gen) < 0.2).float().to(device).requires_grad_() for _ in range(3))
+    grad_out = torch.randn(shape, generator=gen).to(device)
+    op = sdsa if backend == "torch" else sdsa_reference
+
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        op(q, k, v, lif).backward(grad_out)
+
+    return step
+
+
 def make_lif_step(torch, features, backend, args, device):
     from spikeformers.models.neurons import LIF
 
-    lif = LIF(backend=backend)
     shape = (args.T, args.batch, *features)
+    if backend == COPY:  # the same bytes as one LIF forward + backward, moved by one copy
+        src = torch.rand(3, *shape, device=device)
+        dst = torch.empty_like(src)
+        return lambda: dst.copy_(src)
+    lif = LIF(backend=backend)
     gen = torch.Generator().manual_seed(0)
     x = (2 * torch.randn(shape, generator=gen)).to(device).requires_grad_()
     grad_out = torch.randn(shape, generator=gen).to(device)
@@ -214,10 +262,10 @@ def run_worker(args):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     kind, name, backend = args.worker
-    if kind == "lif":
+    if kind in ("lif", "sdsa"):
         features = tuple(int(d) for d in name.split("x"))
-        step = make_lif_step(torch, features, backend, args, device)
-        label = "lif[" + "x".join(str(d) for d in (args.T, args.batch, *features)) + "]"
+        step = (make_lif_step if kind == "lif" else make_sdsa_step)(torch, features, backend, args, device)
+        label = f"{kind}[" + "x".join(str(d) for d in (args.T, args.batch, *features)) + "]"
     else:
         step = make_model_step(torch, name, backend, args, device)
         label = name
@@ -249,21 +297,28 @@ def run_worker(args):
         device=args.device, threads=torch.get_num_threads(), mem_method=memory.method,
         loadavg_1m=round(os.getloadavg()[0], 2),  # other processes on the machine skew timings
     )
+    if kind == "lif":
+        elements = args.T * args.batch * math.prod(features)
+        record["gb_per_s"] = round(LIF_BYTES_PER_ELEMENT * elements / statistics.median(times) / 1e9, 2)
     print(json.dumps(record))
 
 
 # --- driver -----------------------------------------------------------------------------------
 
 
-def configurations(models, limit=False, checkpointing=False):
+def configurations(models, limit=False, checkpointing=False, packed=False):
     """(kind, name, backend) triples: per model (or LIF shape) every backend, consecutively."""
     for model in models:
         if model == "lif":
             for features in LIF_FEATURES:
-                for backend in BACKENDS:
+                for backend in BACKENDS + (COPY,):
                     yield "lif", "x".join(map(str, features)), backend
+        elif model == "sdsa":
+            for backend in SDSA_BACKENDS:
+                yield "sdsa", "x".join(map(str, SDSA_FEATURES)), backend
         else:
-            for backend in BACKENDS + ((CHECKPOINTED,) if checkpointing else ()) + ((LIMIT,) if limit else ()):
+            extra = (CHECKPOINTED,) * checkpointing + (PACKED,) * packed + (LIMIT,) * limit
+            for backend in BACKENDS + extra:
                 yield "model", model, backend
 
 
@@ -288,15 +343,23 @@ def markdown(records):
     lines.append("")
     for model, T in dict.fromkeys((r["model"], r["T"]) for r in records):
         sj, ours, limit = (by_key.get((model, b, T)) for b in ("spikingjelly", "torch", LIMIT))
+        unfused = by_key.get((model, "unfused", T))
+        if unfused and ours:
+            lines.append(f"speedup (unfused/fused) {model} T={T}: {unfused['ms_per_step'] / ours['ms_per_step']:.2f}x, "
+                         f"memory {ours['peak_mb'] / max(unfused['peak_mb'], 0.1):.2f}x")
         if sj and ours:
             speedup = sj["ms_per_step"] / ours["ms_per_step"]
             line = f"speedup (spikingjelly/torch) {model} T={T}: {speedup:.2f}x"
             if limit:
                 line += f"; torch / identity-neuron limit: {ours['ms_per_step'] / limit['ms_per_step']:.2f}x"
-            ckpt = by_key.get((model, CHECKPOINTED, T))
-            if ckpt:
-                line += (f"; checkpointing: {ckpt['peak_mb'] / ours['peak_mb']:.2f}x memory, "
-                         f"{ckpt['ms_per_step'] / ours['ms_per_step']:.2f}x time")
+            for option, label in ((CHECKPOINTED, "checkpointing"), (PACKED, "packed spikes")):
+                if other := by_key.get((model, option, T)):
+                    line += (f"; {label}: {other['peak_mb'] / ours['peak_mb']:.2f}x memory, "
+                             f"{other['ms_per_step'] / ours['ms_per_step']:.2f}x time")
+            copy = by_key.get((model, COPY, T))
+            if copy:
+                line += (f"; bandwidth: torch {ours['gb_per_s']} GB/s = {ours['gb_per_s'] / copy['gb_per_s']:.2f}x "
+                         f"of a copy of the same bytes ({copy['gb_per_s']} GB/s)")
             lines.append(line)
     return "\n".join(lines)
 
@@ -329,6 +392,8 @@ def main(argv=None):
     parser.add_argument("--T", default="4", help="time steps, or a comma list such as 1,2,4,8 (default: %(default)s)")
     parser.add_argument("--checkpointing", action="store_true",
                         help="also time the torch backend with gradient checkpointing over blocks")
+    parser.add_argument("--packed", action="store_true",
+                        help="also time the torch backend with packed spike storage (models/memory.py)")
     parser.add_argument("--limit", action="store_true",
                         help="also time each model with identity neurons (the convs/GEMMs-only limit)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -368,8 +433,8 @@ def main(argv=None):
     if not models:
         parser.error("--models is empty")
     for m in models:
-        if m != "lif" and m not in ours:
-            parser.error(f"unknown model {m!r}; expected 'lif' or a spikeformers model "
+        if m not in ("lif", "sdsa") and m not in ours:
+            parser.error(f"unknown model {m!r}; expected 'lif', 'sdsa' or a spikeformers model "
                          f"such as {', '.join(DEFAULT_MODELS[:2])}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch.cuda.is_available() is False")
@@ -377,9 +442,9 @@ def main(argv=None):
     records, failed = [], False
     for T in t_values:
         args.T = T
-        for config in configurations(models, args.limit, args.checkpointing):
+        for config in configurations(models, args.limit, args.checkpointing, args.packed):
             kind, name, backend = config
-            label = f"lif[{name}]" if kind == "lif" else name
+            label = f"{kind}[{name}]" if kind in ("lif", "sdsa") else name
             print(f"running {label} / {backend} / T={T} ...", file=sys.stderr, flush=True)
             record = run_config(config, args)
             failed |= record is None

@@ -7,11 +7,12 @@ source, tests/test_kernels.py) and compile-checked with nvcc for sm_80 and sm_90
 from __future__ import annotations
 
 import importlib.resources
+import re
 from functools import lru_cache
 
 import torch
 
-__all__ = ["available", "LIFCupyFunction"]
+__all__ = ["available", "LIFCupyFunction", "pack_spikes", "unpack_spikes"]
 
 _BLOCK = 256
 _SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -36,15 +37,29 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
+_LOCAL_INCLUDE = re.compile(r'^#include "([\w.]+)"$', re.MULTILINE)
+
+
+def kernel_source(file: str, _seen: set | None = None) -> str:
+    """The source of ``kernels/<file>`` with our own headers (``#include "x.cuh"``) inlined, each
+    once: NVRTC compiles a string and cannot open files next to it."""
+    seen = set() if _seen is None else _seen
+    seen.add(file)
+    text = importlib.resources.files("spikeformers.kernels").joinpath(file).read_text().replace("#pragma once\n", "")
+
+    def inline(match: re.Match) -> str:
+        header = match.group(1)
+        return "" if header in seen else kernel_source(header, seen)
+
+    return _LOCAL_INCLUDE.sub(inline, text)
+
+
 @lru_cache(maxsize=None)
 def _module(file: str = "lif.cu"):
     import cupy
 
-    root = importlib.resources.files("spikeformers.kernels")
-    source = root.joinpath(file).read_text()
-    source = source.replace('#include "spike_types.cuh"', root.joinpath("spike_types.cuh").read_text())
     # --fmad=false: no fused multiply-add contraction, so results match the CPU reference bit for bit.
-    return cupy.RawModule(code=source, options=("--std=c++17", "--fmad=false"))
+    return cupy.RawModule(code=kernel_source(file), options=("--std=c++17", "--fmad=false"))
 
 
 def _arg(t: torch.Tensor):
@@ -99,3 +114,22 @@ class LIFCupyFunction(torch.autograd.Function):
         _launch(f"lif_backward_{_SUFFIX[ctx.dtype]}", M, grad.device, _arg(grad), _arg(h_seq), _arg(grad_x), np.int64(T), np.int64(M),
                 np.float32(tau), np.float32(v_threshold), np.float32(v_reset), np.int32(detach_reset), np.float32(alpha))
         return grad_x, None, None, None, None, None
+
+
+def pack_spikes(spikes: torch.Tensor) -> torch.Tensor:
+    """float32 CUDA spikes -> int32 words, 32 spikes per word (``pack_spikes_f32``)."""
+    import numpy as np
+
+    flat = spikes.detach().reshape(-1).contiguous()
+    words = torch.empty((flat.numel() + 31) // 32, dtype=torch.int32, device=flat.device)
+    _launch("pack_spikes_f32", words.numel(), flat.device, _arg(flat), _arg(words), np.int64(flat.numel()))
+    return words
+
+
+def unpack_spikes(words: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`pack_spikes`: float32 spikes of ``shape``."""
+    import numpy as np
+
+    spikes = torch.empty(shape, dtype=torch.float32, device=words.device)
+    _launch("unpack_spikes_f32", spikes.numel(), words.device, _arg(words), _arg(spikes), np.int64(spikes.numel()))
+    return spikes

@@ -8,6 +8,7 @@
 // The forward saves only H (float32); the backward recomputes spikes and the Sigmoid surrogate
 // from it. pack_spikes/unpack_spikes store spikes as bits (32 per word) for activation memory.
 #include "spike_types.cuh"
+#include "lif_math.cuh"
 
 template <typename scalar_t>
 __device__ __forceinline__ void lif_forward(const scalar_t* __restrict__ x, scalar_t* __restrict__ spikes,
@@ -18,7 +19,7 @@ __device__ __forceinline__ void lif_forward(const scalar_t* __restrict__ x, scal
   float v = 0.0f;
   for (long long t = 0; t < T; ++t) {
     const long long k = t * M + i;
-    const float h = v + (to_float(x[k]) - (v - v_reset)) / tau;
+    const float h = lif_charge(v, to_float(x[k]), tau, v_reset);
     const bool fired = h >= v_th;
     h_seq[k] = h;
     spikes[k] = from_float<scalar_t>(fired ? 1.0f : 0.0f);
@@ -26,8 +27,7 @@ __device__ __forceinline__ void lif_forward(const scalar_t* __restrict__ x, scal
   }
 }
 
-// dL/dH[t] = dL/dS[t] dS/dH[t] + dL/dH[t+1] (1 - 1/tau) dV[t]/dH[t],   dL/dX[t] = dL/dH[t] / tau
-// dS/dH = alpha sig(alpha (H - v_th)) (1 - sig(...));  dV/dH = 1 - S (+ (v_reset - H) dS/dH without detach)
+// BPTT from the saved H alone (lif_grad_h in lif_math.cuh); dL/dX[t] = dL/dH[t] / tau.
 template <typename scalar_t>
 __device__ __forceinline__ void lif_backward(const scalar_t* __restrict__ grad_spikes, const float* __restrict__ h_seq,
                                              scalar_t* __restrict__ grad_x, long long T, long long M, float tau,
@@ -37,13 +37,8 @@ __device__ __forceinline__ void lif_backward(const scalar_t* __restrict__ grad_s
   float grad_h_next = 0.0f;
   for (long long t = T - 1; t >= 0; --t) {
     const long long k = t * M + i;
-    const float h = h_seq[k];
-    const float sig = 1.0f / (1.0f + expf(-(alpha * (h - v_th))));
-    const float surrogate = (1.0f - sig) * sig * alpha;
-    float dv_dh = h >= v_th ? 0.0f : 1.0f;
-    if (!detach_reset) dv_dh += (v_reset - h) * surrogate;
-    const float carried = grad_h_next * dv_dh;  // (g - g/tau): SpikingJelly's rounding, bit-identical for every tau
-    const float grad_h = to_float(grad_spikes[k]) * surrogate + (carried - carried / tau);
+    const float grad_h = lif_grad_h(to_float(grad_spikes[k]), h_seq[k], grad_h_next, tau, v_th, v_reset,
+                                    detach_reset, alpha);
     grad_x[k] = from_float<scalar_t>(grad_h / tau);
     grad_h_next = grad_h;
   }

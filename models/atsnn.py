@@ -46,6 +46,7 @@ __all__ = [
 READINGS = ("A", "B", "C")
 SCORE_SOURCES = ("residual", "membrane", "spike", "learned")
 READOUTS = ("mean_field", "last", "time_mean")
+BN_STATS = ("plain", "masked", "running")
 
 
 @dataclass
@@ -69,6 +70,7 @@ class ATSNNConfig:
     merge_state: str = "mean"        # §6 #12: merged H = size-weighted mean | "max"
     proportional_attn: bool = True   # §6 #14
     gather_at_batch1: bool = True    # eval, batch 1: run only active tokens (§3.7)
+    bn_stats: str = "plain"          # §6 #7, training-mode BN in blocks: plain | masked | running
 
     @classmethod
     def from_any(cls, value) -> ATSNNConfig:
@@ -82,7 +84,8 @@ class ATSNNConfig:
             raise ValueError(f"unknown AT-SNN options {sorted(unknown)}")
         cfg = cls(**value)
         for name, allowed in (("reading", READINGS), ("score_source", SCORE_SOURCES), ("readout", READOUTS),
-                              ("merge_metric", ("spikes", "membrane")), ("merge_state", ("mean", "max"))):
+                              ("merge_metric", ("spikes", "membrane")), ("merge_state", ("mean", "max")),
+                              ("bn_stats", BN_STATS)):
             if getattr(cfg, name) not in allowed:
                 raise ValueError(f"atsnn.{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
         return cfg
@@ -308,6 +311,7 @@ class _Pass:
     lif_v: dict = field(default_factory=dict)   # (block, neuron) → membrane [B, n, C] (slot space)
     merge_maps: dict = field(default_factory=dict)  # block → slot map decided at t = 0
     gather: bool = False
+    bn_stats: str = "plain"   # training-mode BN statistics in the blocks (ATSNNConfig.bn_stats)
 
 
 class ATSpikformer(Spikformer):
@@ -377,7 +381,7 @@ class ATSpikformer(Spikformer):
         if cfg.halting and cfg.reading != "A" and any(self._merge_r()):
             raise NotImplementedError("token merging is implemented with halting reading 'A' only")
         rs = self._merge_r()
-        run = _Pass(gather=(not self.training) and B == 1 and cfg.gather_at_batch1)
+        run = _Pass(gather=(not self.training) and B == 1 and cfg.gather_at_batch1, bn_stats=cfg.bn_stats)
         halt = Halting(cfg.reading if cfg.halting else "A", L, T, (B, N), cfg.eps, sps)
         readout = sps.new_zeros(B, N, D)  # y_k (§3.4), on original tokens
         last_x = sps.new_zeros(B, N, D)   # x at the token's latest active position
@@ -463,8 +467,8 @@ class ATSpikformer(Spikformer):
         # MLP on the active slots
         rows = _rows(active, run.gather)
         xa = x if rows is None else x[:, rows]
-        hid = self._neuron(l, "fc1", mlp.fc1_lif, _linear_bn(mlp.fc1_linear, mlp.fc1_bn, xa), active, rows, run)
-        pre = _linear_bn(mlp.fc2_linear, mlp.fc2_bn, hid)
+        hid = self._neuron(l, "fc1", mlp.fc1_lif, _linear_bn(mlp.fc1_linear, mlp.fc1_bn, xa, run, active), active, rows, run)
+        pre = _linear_bn(mlp.fc2_linear, mlp.fc2_bn, hid, run, active)
         out = self._neuron(l, "fc2", mlp.fc2_lif, pre, active, rows, run)
         x = _add_update(x, out if rows is None else _scatter_rows(x, out, rows), active, run.gather)
         probes = {}
@@ -477,16 +481,16 @@ class ATSpikformer(Spikformer):
         rows = _rows(active, run.gather)
         xa = x if rows is None else x[:, rows]
         sa = sizes if (sizes is None or rows is None) else sizes[:, rows]
-        pre_k = _linear_bn(attn.k_linear, attn.k_bn, xa)
-        q = self._neuron(l, "q", attn.q_lif, _linear_bn(attn.q_linear, attn.q_bn, xa), active, rows, run)
+        pre_k = _linear_bn(attn.k_linear, attn.k_bn, xa, run, active)
+        q = self._neuron(l, "q", attn.q_lif, _linear_bn(attn.q_linear, attn.q_bn, xa, run, active), active, rows, run)
         k = self._neuron(l, "k", attn.k_lif, pre_k, active, rows, run)
-        v = self._neuron(l, "v", attn.v_lif, _linear_bn(attn.v_linear, attn.v_bn, xa), active, rows, run)
+        v = self._neuron(l, "v", attn.v_lif, _linear_bn(attn.v_linear, attn.v_bn, xa, run, active), active, rows, run)
         heads = attn.num_heads
         core = proportional_ssa(*(split_heads(s[None], heads)[0] for s in (q, k, v)), sa, attn.scale)
         B, n, C = q.shape
         core = core.transpose(1, 2).reshape(B, n, C)  # [B, n, C]
         s = self._neuron(l, "attn", attn.attn_lif, core, active, rows, run)
-        out = self._neuron(l, "proj", attn.proj_lif, _linear_bn(attn.proj_linear, attn.proj_bn, s), active, rows, run)
+        out = self._neuron(l, "proj", attn.proj_lif, _linear_bn(attn.proj_linear, attn.proj_bn, s, run, active), active, rows, run)
         metric_src = k if self.atsnn.merge_metric == "spikes" else pre_k * (active[..., None] if rows is None else 1)
         metric = split_heads(metric_src[None], heads)[0].mean(1)  # head-averaged keys [B, n, d]
         if rows is not None:
@@ -519,10 +523,28 @@ def group_any(active: torch.Tensor, assign: torch.Tensor, n_slots: int) -> torch
     return out.scatter_reduce(1, assign, active, reduce="amax", include_self=False)
 
 
-def _linear_bn(linear: nn.Linear, bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
-    """Linear → BatchNorm1d over channels on [B, n, C] (one time step)."""
+def _linear_bn(linear: nn.Linear, bn: nn.BatchNorm1d, x: torch.Tensor, run: _Pass, active: torch.Tensor) -> torch.Tensor:
+    """Linear → BatchNorm1d over channels on [B, n, C] (one time step). In training, the batch
+    statistics follow ``run.bn_stats`` (§6 #7): ``plain`` over every token of the step (halted ones
+    included), ``masked`` over the active tokens only, ``running`` none (the running statistics
+    normalise, as in eval: fine-tuning without a train/eval gap)."""
     y = linear(x)
-    return bn(y.transpose(1, 2)).transpose(1, 2)
+    if not bn.training or run.bn_stats == "plain" or run.gather:
+        return bn(y.transpose(1, 2)).transpose(1, 2)
+    if run.bn_stats == "running":
+        return F.batch_norm(y.transpose(1, 2), bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                            False, 0.0, bn.eps).transpose(1, 2)
+    weight = active[..., None].to(y.dtype)  # [B, n, 1]
+    count = weight.sum()
+    mean = (y * weight).sum((0, 1)) / count.clamp_min(1)  # [C]
+    var = ((y - mean) ** 2 * weight).sum((0, 1)) / count.clamp_min(1)
+    with torch.no_grad():  # as nn.BatchNorm1d: momentum update, unbiased variance
+        bn.num_batches_tracked += 1
+        momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+        unbiased = var * count / (count - 1).clamp_min(1)
+        bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
+    return (y - mean) * torch.rsqrt(var + bn.eps) * bn.weight + bn.bias
 
 
 def _rows(active: torch.Tensor, gather: bool) -> torch.Tensor | None:

@@ -77,13 +77,14 @@ class _FrozenBatchNormStats(contextlib.AbstractContextManager):
         return False
 
 
-def checkpoint_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def checkpoint_block(block: nn.Module, x: torch.Tensor, fn=None) -> torch.Tensor:
     """Activation checkpointing of one block, correct for spiking blocks: the forward keeps only
     the block's input and backward recomputes the rest. Our neurons start from V = 0 on every
     call, so recomputation cannot advance neuron state twice; BatchNorm statistics are frozen
-    during the recomputation so they are updated exactly once, as without checkpointing."""
+    during the recomputation so they are updated exactly once, as without checkpointing.
+    ``fn`` (default: ``block`` itself) is the part of ``block`` to run, e.g. one of its layers."""
     contexts = lambda: (contextlib.nullcontext(), _FrozenBatchNormStats(block))  # noqa: E731
-    return checkpoint(block, x, use_reentrant=False, context_fn=contexts)
+    return checkpoint(fn or block, x, use_reentrant=False, context_fn=contexts)
 
 
 class SpikingClassifier(nn.Module):
@@ -95,8 +96,11 @@ class SpikingClassifier(nn.Module):
     grad_checkpointing = False
 
     def run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Run ``patch_embed`` or a block, checkpointed when grad checkpointing is on."""
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+        """Run ``patch_embed`` or a block, checkpointed when grad checkpointing is on. A stage
+        with a ``layer_checkpointing`` flag checkpoints its own layers one by one instead (a
+        patch embedding at full resolution would otherwise be recomputed all at once)."""
+        if (self.grad_checkpointing and self.training and torch.is_grad_enabled()
+                and not hasattr(stage, "layer_checkpointing")):
             return checkpoint_block(stage, x)
         return stage(x)
 
@@ -113,6 +117,9 @@ class SpikingClassifier(nn.Module):
         """Recompute each block in backward instead of keeping its activations (less memory,
         about one extra forward pass of the blocks). Gradients are unchanged."""
         self.grad_checkpointing = enable
+        for module in self.modules():
+            if hasattr(module, "layer_checkpointing"):
+                module.layer_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

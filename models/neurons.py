@@ -31,6 +31,7 @@ import os
 import torch
 from torch import nn
 
+
 __all__ = ["LIF", "LIFFunction", "BACKENDS", "set_backend", "resolve_backend"]
 
 _logger = logging.getLogger(__name__)
@@ -107,36 +108,37 @@ def lif_backward_loop(
     return torch.stack(grads)
 
 
-class _Loops:
-    """The two loops, compiled on first use when possible, else eager (same results)."""
+class CompiledFunctions:
+    """Functions compiled by ``torch.compile`` on first use when possible, else run eagerly
+    (same results). ``run(i, *args)`` calls the i-th one."""
 
-    eager = (lif_forward_loop, lif_backward_loop)
-    compiled: tuple | None = None
-    failed = False
+    def __init__(self, *functions) -> None:
+        self.eager = functions
+        self.compiled: tuple | None = None
+        self.failed = False
 
-    @classmethod
-    def get(cls):
-        if cls.failed or not _compile_enabled():
-            return cls.eager
-        if cls.compiled is None:
+    def get(self) -> tuple:
+        if self.failed or not _compile_enabled():
+            return self.eager
+        if self.compiled is None:
             # dynamic=True: one compile per (T, dtype, device), not per tensor size.
-            cls.compiled = tuple(
-                torch.compile(fn, dynamic=True, fullgraph=True)
-                for fn in (lif_forward_loop, lif_backward_loop)
-            )
-        return cls.compiled
+            self.compiled = tuple(torch.compile(fn, dynamic=True, fullgraph=True) for fn in self.eager)
+        return self.compiled
 
-    @classmethod
-    def run(cls, which: int, *args):
-        fn = cls.get()[which]
+    def run(self, which: int, *args):
+        fn = self.get()[which]
         try:
             return fn(*args)
         except Exception as err:  # no C++ compiler, unsupported platform, ...
-            if fn is cls.eager[which]:
+            if fn is self.eager[which]:
                 raise
-            cls.failed = True
-            _logger.warning("torch.compile of the LIF loops failed (%s); using eager loops", err)
-            return cls.eager[which](*args)
+            self.failed = True
+            _logger.warning("torch.compile of %s failed (%s); running it eagerly", self.eager[which].__name__, err)
+            return self.eager[which](*args)
+
+
+#: The two LIF loops, compiled on first use when possible, else eager (same results).
+_Loops = CompiledFunctions(lif_forward_loop, lif_backward_loop)
 
 
 def _compile_enabled() -> bool:

@@ -21,8 +21,9 @@ from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from spikeformers.models import hub
-from spikeformers.models.layers import SpikingClassifier, checkpoint_filter_fn, seq, time_sequence
+from spikeformers.models.layers import SpikingClassifier, checkpoint_block, checkpoint_filter_fn, seq, time_sequence
 from spikeformers.models.neurons import LIF
+from spikeformers.models.sdsa import sdsa
 
 __all__ = ["SpikeDrivenTransformer"]
 
@@ -42,6 +43,7 @@ def from_heads(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
 class SpikeDrivenSelfAttention(nn.Module):
     """SDSA (``MS_SSA_Conv``) with its own membrane shortcut: x + proj(Q ⊙ SN(Σ_N K ⊙ V)).
 
+    The operator Q ⊙ SN(Σ_N K ⊙ V) runs fused (models/sdsa.py) on [T, B, C, N].
     ``talking_heads`` (Conv1d h→h) exists in the official model but is never called; it is kept
     for strict checkpoint loading. In ``dvs_mode`` a parameter-free 3×3 max-pool is applied to
     k and v, to k⊙v and to q⊙kv, as in the official CIFAR10-DVS model (§3.3).
@@ -69,16 +71,14 @@ class SpikeDrivenSelfAttention(nn.Module):
         q = self.q_lif(seq(x, self.q_conv, self.q_bn))
         k = self.k_lif(seq(x, self.k_conv, self.k_bn))
         v = self.v_lif(seq(x, self.v_conv, self.v_bn))
-        if self.dvs_mode:
-            k, v = self.pool(k), self.pool(v)
+        if not self.dvs_mode:  # fused operator, per channel over tokens; heads need no reshaping
+            x = sdsa(q.flatten(3), k.flatten(3), v.flatten(3), self.talking_heads_lif).reshape(q.shape)
+            return seq(x, self.proj_conv, self.proj_bn) + identity
+        k, v = self.pool(k), self.pool(v)
         q, k, v = (to_heads(t, self.num_heads) for t in (q, k, v))  # [T, B, h, N, d]
-        kv = k.mul(v)
-        if self.dvs_mode:
-            kv = self.pool(kv)
+        kv = self.pool(k.mul(v))
         kv = self.talking_heads_lif(kv.sum(dim=-2, keepdim=True))  # [T, B, h, 1, d] binary mask
-        x = q.mul(kv)
-        if self.dvs_mode:
-            x = self.pool(x)
+        x = self.pool(q.mul(kv))
         x = seq(from_heads(x, H, W), self.proj_conv, self.proj_bn)
         return x + identity
 
@@ -134,17 +134,27 @@ class MembraneShortcutPatchEmbed(nn.Module):
         self.rpe_conv = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1, bias=False)
         self.rpe_bn = nn.BatchNorm2d(embed_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for s, pool in zip(self.suffixes[:3], self.pool_stages[:3]):
-            x = getattr(self, f"proj_lif{s}")(seq(x, getattr(self, f"proj_conv{s}"), getattr(self, f"proj_bn{s}")))
-            if pool:
-                x = seq(x, self.maxpool)
+    layer_checkpointing = False  # set by the model's set_grad_checkpointing: recompute layer by layer
+
+    def _spiking_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        s = self.suffixes[i]
+        x = getattr(self, f"proj_lif{s}")(seq(x, getattr(self, f"proj_conv{s}"), getattr(self, f"proj_bn{s}")))
+        return seq(x, self.maxpool) if self.pool_stages[i] else x
+
+    def _last_stage(self, x: torch.Tensor) -> torch.Tensor:
         x = seq(x, self.proj_conv3, self.proj_bn3)
         if self.pool_stages[3]:
             x = seq(x, self.maxpool)  # on the real-valued BN output, before the LIF
-        x_feat = x
-        x = seq(self.proj_lif3(x), self.rpe_conv, self.rpe_bn)
-        return x + x_feat
+        return seq(self.proj_lif3(x), self.rpe_conv, self.rpe_bn) + x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # With layer checkpointing each stage keeps only its input (spikes after stage 0) and is
+        # recomputed alone in backward: the full-resolution maps never all exist at once.
+        layered = self.layer_checkpointing and self.training and torch.is_grad_enabled()
+        run = (lambda fn, x: checkpoint_block(self, x, fn)) if layered else (lambda fn, x: fn(x))
+        for i in range(3):
+            x = run(partial(self._spiking_stage, i), x)
+        return run(self._last_stage, x)
 
 
 class SpikeDrivenTransformer(SpikingClassifier):

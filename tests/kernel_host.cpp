@@ -1,8 +1,9 @@
-// Host build of kernels/lif.cu for tests/test_kernels.py: the CUDA sources, unchanged, compiled
+// Host build of kernels/*.cu for tests/test_kernels.py: the CUDA sources, unchanged, compiled
 // as C++ through kernels/host_shim.cuh; each entry point launches a kernel as host loops.
 #include "host_shim.cuh"
 #include "lif.cu"
 #include "convert.cu"
+#include "sdsa.cu"
 
 static unsigned int blocks(long long n, unsigned int block) { return (unsigned int)((n + block - 1) / block); }
 
@@ -44,3 +45,22 @@ extern "C" void host_unpack_spikes(const unsigned int* words, float* s, long lon
 
 HOST_CONVERT(f32, float)
 HOST_CONVERT(f64, double)
+
+#define HOST_SDSA(SUFFIX, TYPE)                                                                             \
+  extern "C" void host_sdsa_forward_##SUFFIX(const void* q, const void* k, const void* v, void* out, float* h, \
+                                             long long T, long long R, long long N, float tau, float v_th,   \
+                                             float v_reset, unsigned int block) {                            \
+    shim_launch(blocks(R, block), block, sdsa_forward_##SUFFIX, (const TYPE*)q, (const TYPE*)k, (const TYPE*)v, \
+                (TYPE*)out, h, T, R, N, tau, v_th, v_reset);                                                 \
+  }                                                                                                         \
+  extern "C" void host_sdsa_backward_##SUFFIX(const void* g, const void* q, const void* k, const void* v,    \
+                                              const float* h, void* gq, void* gk, void* gv, long long T,     \
+                                              long long R, long long N, float tau, float v_th, float v_reset, \
+                                              int detach, float alpha, unsigned int block) {                 \
+    shim_launch(blocks(R, block), block, sdsa_backward_##SUFFIX, (const TYPE*)g, (const TYPE*)q, (const TYPE*)k, \
+                (const TYPE*)v, h, (TYPE*)gq, (TYPE*)gk, (TYPE*)gv, T, R, N, tau, v_th, v_reset, detach, alpha); \
+  }
+
+HOST_SDSA(f32, float)
+HOST_SDSA(f16, __half)
+HOST_SDSA(bf16, __nv_bfloat16)

@@ -273,3 +273,45 @@ def test_halting_state_is_per_token():
     p = state.update(0, 0, torch.tensor([0.2, 0.995, 1.0]), torch.ones(3, dtype=torch.bool))
     assert torch.equal(state.active(), torch.tensor([True, False, False]))
     torch.testing.assert_close(p, torch.tensor([0.2, 1.0, 1.0]))
+
+
+# --- BN statistics in training (§6 #7) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bn_stats,leaks", [("plain", True), ("masked", False), ("running", False)])
+def test_training_bn_statistics_and_halted_tokens(bn_stats, leaks):
+    """In training, plain BN mixes halted tokens into the batch statistics (the spec's default
+    reading); masked BN uses the active tokens only and running BN no batch statistics, so then
+    halted tokens cannot change the active ones even in training."""
+    model, _ = make(bn_stats=bn_stats, **PARTIAL[0])
+    model.train()
+    x = images(4)
+    ref = model(x)
+    assert (model.token_stats["tokens"] < N * L * T).all()
+    model._scramble_inactive = True
+    out = model(x)
+    assert (not torch.allclose(out, ref, atol=1e-9)) == leaks
+
+
+def test_masked_bn_equals_plain_bn_when_no_token_halts():
+    x = images(4)
+    outs, buffers = [], []
+    for bn_stats in ("plain", "masked"):
+        model, _ = make(bn_stats=bn_stats, gate_center=50.0)
+        model.train()
+        outs.append(model(x))
+        buffers.append({k: v.clone() for k, v in model.state_dict().items() if "running" in k})
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-10, rtol=1e-10)
+    for k in buffers[0]:
+        torch.testing.assert_close(buffers[1][k], buffers[0][k], atol=1e-10, rtol=1e-10, msg=k)
+
+
+def test_running_bn_leaves_block_statistics_and_trains_affine():
+    model, _ = make(bn_stats="running", **PARTIAL[0])
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("block") and "running" in k}
+    model(images(4)).sum().backward()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert model.block[0].attn.q_bn.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="atsnn.bn_stats must be one of"):
+        atsnn.ATSNNConfig.from_any({"bn_stats": "frozen"})

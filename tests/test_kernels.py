@@ -178,3 +178,71 @@ def test_multi_threshold_kernel_matches_ecmt_reference(host, dtype, theta_p, the
         assert torch.equal(spikes, expected)
         assert torch.equal(v, reference.v)
     assert (spikes != 0).any()
+
+
+# --- fused SDSA (kernels/sdsa.cu) against models.sdsa ---------------------------------------------
+
+
+def host_sdsa(host, q, k, v, grad_out, tau=2.0, v_th=0.5, detach=True, alpha=4.0, block=128):
+    """Forward and backward of the host-built SDSA kernels on [T, R, N] tensors."""
+    T, R, N = q.shape
+    sfx, size = SUFFIX[q.dtype], (ctypes.c_longlong(T), ctypes.c_longlong(R), ctypes.c_longlong(N))
+    out, h = torch.empty_like(q), torch.empty(T, R)
+    getattr(host, f"host_sdsa_forward_{sfx}")(_ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(h), *size, ctypes.c_float(tau),
+                                              ctypes.c_float(v_th), ctypes.c_float(0.0), ctypes.c_uint(block))
+    grads = [torch.empty_like(q) for _ in range(3)]
+    getattr(host, f"host_sdsa_backward_{sfx}")(_ptr(grad_out), _ptr(q), _ptr(k), _ptr(v), _ptr(h), *map(_ptr, grads), *size,
+                                               ctypes.c_float(tau), ctypes.c_float(v_th), ctypes.c_float(0.0),
+                                               ctypes.c_int(int(detach)), ctypes.c_float(alpha), ctypes.c_uint(block))
+    return out, h, grads
+
+
+def _spikes(shape, rate, generator):
+    return (torch.rand(shape, generator=generator) < rate).float()
+
+
+@pytest.mark.parametrize("T,R,N", [(4, 300, 64), (1, 37, 16), (8, 129, 1), (3, 1, 5)])
+@pytest.mark.parametrize("tau,detach", [(2.0, True), (3.0, False)])
+def test_host_sdsa_matches_torch_fused_operator(host, T, R, N, tau, detach):
+    from spikeformers.models.sdsa import SDSAFunction
+
+    g = torch.Generator().manual_seed(T * 100 + R + N)
+    q, k, v = (_spikes((T, R, N), rate, g) for rate in (0.3, 0.2, 0.25))
+    edge = min(R, 3)
+    k[0, :edge], v[0, :edge] = 0.0, 0.0
+    k[0, :edge, 0], v[0, :edge, 0] = 1.0, 1.0  # token sum 1: H = 0.5 exactly at v_th 0.5 (tau 2) fires
+    grad_out = torch.randn(T, R, N, generator=g)
+    out, h, (gq, gk, gv) = host_sdsa(host, q, k, v, grad_out, tau=tau, detach=detach)
+
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref = SDSAFunction.apply(qr.unsqueeze(1), kr.unsqueeze(1), vr.unsqueeze(1), tau, 0.5, 0.0, detach, 4.0).squeeze(1)
+    ref.backward(grad_out)
+    assert torch.equal(out, ref.detach()), "outputs (q masked by spikes) must be bit-identical"
+    assert torch.equal(h, _ref_h(k, v, tau))
+    if tau == 2.0:
+        assert torch.equal(h[0, :edge], torch.full((edge,), 0.5)) and torch.equal(out[0, :edge], q[0, :edge])
+    # dQ is exact; dK, dV pass through Σ_n dO·Q, a float sum whose order differs from torch's:
+    # within 1e-6 of the gradient's scale (|dK| reaches ~5 here, so 1e-6 absolute is below an ulp).
+    assert torch.equal(gq, qr.grad)
+    for got, want in ((gk, kr.grad), (gv, vr.grad)):
+        assert (got - want).abs().max() <= 1e-6 * max(1.0, want.abs().max().item())
+
+
+def _ref_h(k, v, tau):
+    return lif_forward_loop((k * v).sum(-1), tau, 0.5, 0.0)[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_host_sdsa_half_precision(host, dtype):
+    from spikeformers.models.sdsa import SDSAFunction
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (_spikes((4, 77, 49), 0.3, g).to(dtype) for _ in range(3))
+    grad_out = torch.randn(4, 77, 49, generator=g).to(dtype)
+    out, h, grads = host_sdsa(host, q, k, v, grad_out)
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref = SDSAFunction.apply(qr[:, None], kr[:, None], vr[:, None], 2.0, 0.5, 0.0, True, 4.0)[:, 0]
+    ref.backward(grad_out)
+    assert out.dtype == dtype and torch.equal(out, ref.detach())
+    for got, want in zip(grads, (qr.grad, kr.grad, vr.grad)):
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-3)

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import spikeformers  # noqa: F401  (registers the models)
+from spikeformers.models.memory import packed_spikes
 from spikeformers.train.checkpoint import atomic_write, copy_atomic, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from spikeformers.train.data import DataInfo, EpochSeeded, build_datasets, sample_seed
 from spikeformers.train.evaluate import ShardSampler, evaluate, to_model_input
@@ -191,10 +192,12 @@ def train(cfg: DictConfig) -> dict:
     # data and model
     train_set, test_set, info = build_datasets(cfg.data)
     model = build_model(cfg.model, info).to(ctx.device)
-    if tcfg.memory not in ("plain", "checkpoint"):
-        raise ValueError(f"trainer.memory must be 'plain' or 'checkpoint', got {tcfg.memory!r}")
+    if tcfg.memory not in ("plain", "checkpoint", "packed"):
+        raise ValueError(f"trainer.memory must be 'plain', 'checkpoint' or 'packed', got {tcfg.memory!r}")
     if tcfg.memory == "checkpoint":  # recompute blocks in backward: activation memory of one block
         model.set_grad_checkpointing(True)
+    # packed: spikes kept for backward are stored as bits (models/memory.py), same gradients
+    spike_storage = packed_spikes if tcfg.memory == "packed" else nullcontext
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if tcfg.sync_bn and ctx.world > 1 and ctx.device.type == "cuda":
@@ -317,7 +320,7 @@ def train(cfg: DictConfig) -> dict:
             if mixup_fn is not None and mixup_fn.mixup_enabled:
                 np.random.seed(sample_seed(cfg.seed, epoch, 10**9 + batch_idx))  # mixup draws from numpy
                 images, target = mixup_fn(images, target)
-            with autocast():
+            with autocast(), spike_storage():
                 output = model(images)
                 if isinstance(output, tuple):  # (logits, logits_kd) of a distillation-head model
                     loss = distillation_loss(output, images, target, criterion, teacher, distill.alpha)
