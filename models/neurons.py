@@ -31,8 +31,7 @@ import os
 import torch
 from torch import nn
 
-
-__all__ = ["LIF", "LIFFunction", "BACKENDS", "set_backend", "resolve_backend"]
+__all__ = ["LIF", "LIFFunction", "CompiledFunctions", "BACKENDS", "set_backend", "resolve_backend"]
 
 _logger = logging.getLogger(__name__)
 

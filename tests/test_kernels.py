@@ -246,3 +246,25 @@ def test_host_sdsa_half_precision(host, dtype):
     assert out.dtype == dtype and torch.equal(out, ref.detach())
     for got, want in zip(grads, (qr.grad, kr.grad, vr.grad)):
         torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device and CuPy")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cupy_sdsa_matches_torch_sdsa_on_gpu(dtype):
+    pytest.importorskip("cupy")
+    from spikeformers.models.sdsa import sdsa
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape = (4, 8, 96, 49)
+    q, k, v = ((torch.rand(shape, device="cuda", generator=g) < 0.3).to(dtype) for _ in range(3))
+    grad = torch.randn(shape, device="cuda", generator=g).to(dtype)
+    outs = {}
+    for backend in ("cupy", "torch"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = sdsa(*leaves, LIF(v_threshold=0.5, backend=backend))
+        out.backward(grad)
+        outs[backend] = (out.detach(), *(t.grad for t in leaves))
+    assert torch.equal(outs["cupy"][0], outs["torch"][0])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip(outs["cupy"][1:], outs["torch"][1:]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)

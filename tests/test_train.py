@@ -20,7 +20,7 @@ from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 from spikeformers.train.data import DatasetError, Digits, EpochSeeded, build_datasets
-from spikeformers.train.main import train
+from spikeformers.train.main import build_model, train
 
 # A few-second model: the default sdt_tiny at D=16, two steps per epoch.
 SMALL = ["model.args={embed_dim: 16}", "trainer.max_steps_per_epoch=2", "trainer.epochs=2", "data.eval_batch_size=360"]
@@ -451,8 +451,6 @@ def test_finetune_digits_checkpoint_on_cifar_format_data(make_cfg, tmp_path):
 
 
 def test_init_from_own_checkpoint_keeps_matching_head(make_cfg, tmp_path):
-    from spikeformers.train.main import build_model
-
     cfg = make_cfg(*SMALL)
     train(cfg)
     last = Path(cfg.output_dir) / "checkpoints" / "last.pt"
@@ -495,3 +493,28 @@ def test_memory_options_train_to_the_same_weights(make_cfg, tmp_path, memory):
 def test_memory_option_rejects_unknown_names(make_cfg):
     with pytest.raises(ValueError, match="trainer.memory must be 'plain', 'checkpoint' or 'packed', got 'bits'"):
         train(make_cfg(*SMALL, "trainer.memory=bits"))
+
+
+def test_atsnn_finetune_preset_starts_from_the_backbone(make_cfg, tmp_path):
+    from omegaconf.errors import InterpolationToMissingValueError
+
+    with pytest.raises(InterpolationToMissingValueError, match="Missing mandatory value: finetune_from"):
+        make_cfg("experiment=atsnn_digits_finetune").model.checkpoint  # noqa: B018
+    small = ["+model.args.embed_dim=16", "+model.args.num_heads=2", "trainer.max_steps_per_epoch=2", "trainer.epochs=1",
+             "data.eval_batch_size=360"]
+    base = make_cfg("experiment=atsnn_digits", "atsnn=off", *small)
+    train(base)
+    backbone = Path(base.output_dir) / "checkpoints" / "last.pt"
+    tuned = make_cfg("experiment=atsnn_digits_finetune", f"finetune_from={backbone}", *small)
+    with open_dict(tuned):
+        tuned.output_dir = str(tmp_path / "tuned")
+    assert tuned.atsnn.bn_stats == "running" and tuned.model.checkpoint == str(backbone)
+    a = torch.load(backbone, weights_only=True)["model"]
+    start = build_model(tuned.model, build_datasets(tuned.data)[2]).state_dict()
+    assert a.keys() == start.keys() and all(torch.equal(a[k], start[k]) for k in a)
+    train(tuned)
+    b = torch.load(Path(tuned.output_dir) / "checkpoints" / "last.pt", weights_only=True)["model"]
+    # bn_stats=running: the blocks' BN statistics stay the backbone's
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("block") and "running" in k)
+    rows = (Path(tuned.output_dir) / "metrics.csv").read_text().splitlines()
+    assert "tokens_per_image" in rows[0]
