@@ -76,6 +76,7 @@ def plot(base: dict, rows: list[dict], path: str) -> None:
     os.close(fd)
     try:  # atomic: a temp file, then rename
         fig.savefig(tmp, dpi=120)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
