@@ -1,7 +1,8 @@
-"""AT-SNN: adaptive tokens for Spikformer (Kang et al., arXiv 2408.12293v1).
+"""AT-SNN: adaptive tokens for Spikformer (Kang et al., arXiv 2408.12293v1), and halting on SDT v1.
 
 No official code exists; this follows the reconstruction in ``shared/spec/at_snn.md`` (cited as
-§n). Two mechanisms on a CIFAR-layout Spikformer:
+§n). Two mechanisms on a CIFAR-layout Spikformer (:class:`ATSpikformer`); halting alone, beyond
+the paper, on SDT v1 (:class:`ATSpikeDrivenTransformer`), both through :class:`AdaptiveTokens`:
 
 - **2-D halting** (§3.1-3.5): A-ViT's ACT with the step sequence running over blocks *and* time
   steps. Every (block l, time step t) position emits h = σ(γ·x_{k,0} − c) per token; a token stops
@@ -15,8 +16,8 @@ Execution is time-major (all blocks of t, then t + 1), so every LIF runs one ste
 explicit state (:func:`lif_step`, bit-identical forward to the multi-step :class:`LIF`). Halted
 tokens are masked after every LIF and on the residual update, and their LIF state is frozen, so
 (eval mode) masking equals running only the active tokens: at batch 1 the model gathers them and
-compute really shrinks (§3.7). With halting off and r = 0 the model *is* Spikformer: the forward
-is the base class's, bit for bit.
+compute really shrinks (§3.7). With halting off and r = 0 the model *is* its backbone: the
+forward is the base class's (Spikformer or SDT), bit for bit.
 
 Halting state lives on the N original patches; a merged token is represented by all its members
 holding the same (size-weighted mean) state, so size-weighted GAP, H and readout sums (§3.6) are
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +38,15 @@ from torch import nn
 from spikeformers.models import hub
 from spikeformers.models.layers import checkpoint_filter_fn, time_sequence
 from spikeformers.models.neurons import LIF, charge, fire, sigmoid_surrogate_grad
+from spikeformers.models.sdt import _CIFAR as _SDT_CIFAR
+from spikeformers.models.sdt import SpikeDrivenTransformer
+from spikeformers.models.sdt import _cfg as _sdt_cfg
 from spikeformers.models.spikformer import Spikformer, _cfg, _cifar_cfg, split_heads
 
 __all__ = [
-    "ATSNNConfig", "ATSpikformer", "lif_step", "Halting", "halting_trace", "bipartite_merge_map",
-    "merge_tokens", "proportional_ssa", "distribution_target", "distribution_prior_kl",
+    "ATSNNConfig", "AdaptiveTokens", "ATSpikformer", "ATSpikeDrivenTransformer", "lif_step", "Halting",
+    "halting_trace", "bipartite_merge_map", "merge_tokens", "proportional_ssa", "distribution_target",
+    "distribution_prior_kl",
 ]
 
 READINGS = ("A", "B", "C")
@@ -314,15 +320,13 @@ class _Pass:
     bn_stats: str = "plain"   # training-mode BN statistics in the blocks (ATSNNConfig.bn_stats)
 
 
-class ATSpikformer(Spikformer):
-    """Spikformer (CIFAR layout) with AT-SNN halting and merging; ``atsnn`` = :class:`ATSNNConfig`
-    fields. After each forward: ``token_stats`` (tokens per image, per position) and, in training,
-    :meth:`aux_loss` (α_p·ponder + α_d·KL)."""
+class AdaptiveTokens:
+    """The AT-SNN machinery shared by the backbones: halting, the time-major pass, the token metric
+    and the losses. A backbone class provides ``_embed_tokens`` (images → tokens [T, B, N, D]),
+    ``_block_step`` (one block at one time step on token slots) and ``_adaptive_logits``. After each
+    forward: ``token_stats`` (tokens per image, per position) and, in training, :meth:`aux_loss`."""
 
-    def __init__(self, atsnn: dict | ATSNNConfig | None = None, **kwargs) -> None:
-        super().__init__(**kwargs)
-        if self.kind != "cifar":
-            raise ValueError("AT-SNN is implemented for the CIFAR-layout Spikformer (kind='cifar')")
+    def _setup_adaptive(self, atsnn: dict | ATSNNConfig | None) -> None:
         self.atsnn = ATSNNConfig.from_any(atsnn)
         if self.atsnn.score_source == "learned":  # §3.1 option: Linear(D→1), starts as channel 0
             self.halt_head = nn.Linear(self.embed_dim, 1)
@@ -350,7 +354,7 @@ class ATSpikformer(Spikformer):
         return self._aux
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.adaptive:  # flags off: plain Spikformer, bit for bit
+        if not self.adaptive:  # flags off: the plain backbone, bit for bit
             out = super().forward(x)
             B = out.shape[-2]
             N = self._tokens(x)
@@ -359,9 +363,7 @@ class ATSpikformer(Spikformer):
                                 "per_position": out.new_full((len(self.block), self.T), float(N))}
             self._aux = None
             return out
-        if self.per_step_logits:
-            raise ValueError("AT-SNN has one mean-field readout; per-step logits (TET) are not supported")
-        return self.head(self.forward_adaptive(x))
+        return self._adaptive_logits(x)
 
     def _tokens(self, x: torch.Tensor) -> int:
         h, w = x.shape[-2:]
@@ -369,13 +371,14 @@ class ATSpikformer(Spikformer):
 
     # -- the time-major pass -------------------------------------------------------------------
 
-    def forward_adaptive(self, images: torch.Tensor) -> torch.Tensor:
-        """Images → pooled mean-field features [B, D] (§3.2-3.4, §3.6)."""
+    def forward_adaptive(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images → (pooled readout features [B, D] (§3.2-3.4, §3.6), per-step features [T, B, D]:
+        the token mean of each token's latest active x after every time step)."""
         cfg = self.atsnn
         # merging only: Spikformer's own readout, the time mean of the last block's output
         readout_kind = cfg.readout if cfg.halting else "time_mean"
         x_seq = time_sequence(images, self.T, self.in_chans, self.size_multiple, type(self).__name__)
-        sps = self.run_stage(self.patch_embed, x_seq).flatten(3).transpose(-1, -2)  # [T, B, N, D]
+        sps = self._embed_tokens(x_seq)  # [T, B, N, D]
         T, B, N, D = sps.shape
         L = len(self.block)
         if cfg.halting and cfg.reading != "A" and any(self._merge_r()):
@@ -388,6 +391,7 @@ class ATSpikformer(Spikformer):
         counts = sps.new_zeros(B, L, T)
         h_mean = sps.new_zeros(L, T)
         target_h = sps.new_zeros(B, N)    # "no halting": h = 0, only the forced last position counts
+        steps = []                        # per-step features for heads that run over T (SDT)
         for t in range(T):
             halt.start_row(t)
             x = sps[t]  # the residual restarts from SPS at every t; H and LIF state carry (§3.2)
@@ -415,6 +419,7 @@ class ATSpikformer(Spikformer):
                     readout = readout + (p * scale)[..., None] * x_orig
                 last_x = torch.where(active[..., None], x_orig, last_x)
             halt.end_row(t)
+            steps.append(last_x.mean(1))
             if readout_kind == "time_mean":
                 readout = readout + last_x / T
         if readout_kind == "last":
@@ -423,7 +428,11 @@ class ATSpikformer(Spikformer):
         self.token_stats = {"tokens": counts.sum((1, 2)).detach(), "baseline": full,
                             "per_position": counts.mean(0).detach()}
         self._aux = self._losses(halt, h_mean, L, T) if (cfg.halting and self.training) else None
-        return readout.mean(1)  # = size-weighted GAP over slots (§3.4)
+        return readout.mean(1), torch.stack(steps)  # mean over patches = size-weighted GAP over slots (§3.4)
+
+    def _embed_tokens(self, x_seq: torch.Tensor) -> torch.Tensor:
+        """Patch embedding → tokens [T, B, N, D] (both backbones embed to [T, B, D, H', W'])."""
+        return self.run_stage(self.patch_embed, x_seq).flatten(3).transpose(-1, -2)
 
     def _losses(self, halt: Halting, h_mean: torch.Tensor, L: int, T: int) -> torch.Tensor:
         cfg = self.atsnn
@@ -440,6 +449,41 @@ class ATSpikformer(Spikformer):
         z = {"residual": lambda: x[..., 0], "membrane": lambda: probes["membrane"],
              "spike": lambda: probes["spike"], "learned": lambda: self.halt_head(x)[..., 0]}[cfg.score_source]()
         return torch.sigmoid(cfg.gate_scale * z - cfg.gate_center)
+
+    def _neuron(self, l: int, name: str, lif: LIF, inp, active, rows, run: _Pass) -> torch.Tensor:
+        """One LIF step for the active slots; halted slots: spikes 0, membrane frozen (§3.3)."""
+        key = (l, name)
+        n = active.shape[1]
+        v = run.lif_v.get(key)
+        if v is None or v.shape[1] != n:
+            v = inp.new_zeros((inp.shape[0], n, inp.shape[-1]), dtype=torch.promote_types(inp.dtype, torch.float32))
+        if rows is not None:  # gathered: only the active rows exist
+            spikes, v_rows = lif_step(lif, inp, v[:, rows])
+            v = v.clone()
+            v[:, rows] = v_rows
+            run.lif_v[key] = v
+            return spikes
+        spikes, v_new = lif_step(lif, inp, v)
+        m = active[..., None]
+        run.lif_v[key] = torch.where(m, v_new, v)
+        return spikes * m.to(spikes.dtype)
+
+
+class ATSpikformer(AdaptiveTokens, Spikformer):
+    """Spikformer (CIFAR layout) with AT-SNN halting and merging; ``atsnn`` = :class:`ATSNNConfig`
+    fields. After each forward: ``token_stats`` (tokens per image, per position) and, in training,
+    :meth:`aux_loss` (α_p·ponder + α_d·KL)."""
+
+    def __init__(self, atsnn: dict | ATSNNConfig | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if self.kind != "cifar":
+            raise ValueError("AT-SNN is implemented for the CIFAR-layout Spikformer (kind='cifar')")
+        self._setup_adaptive(atsnn)
+
+    def _adaptive_logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.per_step_logits:
+            raise ValueError("AT-SNN on Spikformer has one mean-field readout; per-step logits (TET) are not supported")
+        return self.head(self.forward_adaptive(x)[0])
 
     def _block_step(self, l, blk, x, active, assign, r, t, run: _Pass):
         """One block at one time step on slots x [B, n, D] (only the active ones: masked, or
@@ -498,23 +542,62 @@ class ATSpikformer(Spikformer):
             metric = _full(x, metric, rows)
         return out, metric
 
-    def _neuron(self, l: int, name: str, lif: LIF, inp, active, rows, run: _Pass) -> torch.Tensor:
-        """One LIF step for the active slots; halted slots: spikes 0, membrane frozen (§3.3)."""
-        key = (l, name)
-        n = active.shape[1]
-        v = run.lif_v.get(key)
-        if v is None or v.shape[1] != n:
-            v = inp.new_zeros((inp.shape[0], n, inp.shape[-1]), dtype=torch.promote_types(inp.dtype, torch.float32))
-        if rows is not None:  # gathered: only the active rows exist
-            spikes, v_rows = lif_step(lif, inp, v[:, rows])
-            v = v.clone()
-            v[:, rows] = v_rows
-            run.lif_v[key] = v
-            return spikes
-        spikes, v_new = lif_step(lif, inp, v)
-        m = active[..., None]
-        run.lif_v[key] = torch.where(m, v_new, v)
-        return spikes * m.to(spikes.dtype)
+class ATSpikeDrivenTransformer(AdaptiveTokens, SpikeDrivenTransformer):
+    """SDT v1 (CIFAR layout) with AT-SNN halting, beyond the paper (docs/atsnn.md, "On SDT").
+
+    SDT's blocks are token-wise (1×1 convs) apart from SDSA's token sum, so they run on token slots
+    like Spikformer's. The residual stream is membrane-valued; halting reads its channel 0 (or the
+    other score sources) as on Spikformer. SDSA's channel mask sums K ⊙ V over the active tokens
+    only (halted tokens' spikes are masked) and keeps its LIF state per sample and channel. SDT's
+    head runs an LIF over time, so the readout is per time step: each token's latest active x,
+    averaged over tokens, through ``head_lif`` and the head (``readout=time_mean``). Per-step logits
+    (TET) work. Merging is Spikformer-only."""
+
+    def __init__(self, atsnn: dict | ATSNNConfig | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if self.dvs_mode:
+            raise ValueError("AT-SNN on SDT is implemented without dvs_mode (its max-pools mix tokens)")
+        self._setup_adaptive(atsnn)
+        if any(self._merge_r()):
+            raise ValueError("atsnn.merge_r: token merging is implemented on Spikformer only; use merge_r=0 on SDT")
+        if self.atsnn.halting and self.atsnn.readout != "time_mean":
+            raise ValueError(f"atsnn.readout={self.atsnn.readout!r}: AT-SNN on SDT reads every time step out through "
+                             "SDT's head LIF; use atsnn.readout=time_mean")
+
+    def _adaptive_logits(self, x: torch.Tensor) -> torch.Tensor:
+        steps = self.forward_adaptive(x)[1]  # [T, B, D]: token means of the latest active x
+        logits = self.head(self.head_lif(steps))
+        return logits if self.per_step_logits else logits.mean(0)
+
+    def _block_step(self, l, blk, x, active, assign, r, t, run: _Pass):
+        """One SDT block at one time step on slots x [B, n, D]: SDSA with its membrane shortcut,
+        then the MLP, each on the active slots (masked, or gathered at batch 1)."""
+        attn, mlp = blk.attn, blk.mlp
+        rows = _rows(active, run.gather)
+        scatter = (lambda out: out) if rows is None else (lambda out: _scatter_rows(x, out, rows))  # noqa: E731
+
+        def conv_bn(conv, bn, inp):
+            return _linear_bn(partial(_token_conv, conv), bn, inp, run, active)
+
+        xa = x if rows is None else x[:, rows]
+        s = self._neuron(l, "shortcut", attn.shortcut_lif, xa, active, rows, run)
+        q, k, v = (self._neuron(l, name, lif, conv_bn(conv, bn, s), active, rows, run)
+                   for name, lif, conv, bn in (("q", attn.q_lif, attn.q_conv, attn.q_bn),
+                                               ("k", attn.k_lif, attn.k_conv, attn.k_bn),
+                                               ("v", attn.v_lif, attn.v_conv, attn.v_bn)))
+        token_sum = k.mul(v).sum(1, keepdim=True)  # [B, 1, D]: halted tokens' spikes are 0
+        every_sample = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
+        mask = self._neuron(l, "mask", attn.talking_heads_lif, token_sum, every_sample, None, run)
+        x = _add_update(x, scatter(conv_bn(attn.proj_conv, attn.proj_bn, q * mask)), active, run.gather)
+
+        xa = x if rows is None else x[:, rows]
+        hidden = conv_bn(mlp.fc1_conv, mlp.fc1_bn, self._neuron(l, "fc1", mlp.fc1_lif, xa, active, rows, run))
+        spikes = self._neuron(l, "fc2", mlp.fc2_lif, hidden, active, rows, run)
+        x = _add_update(x, scatter(conv_bn(mlp.fc2_conv, mlp.fc2_bn, spikes)), active, run.gather)
+        probes = {}
+        if self.atsnn.score_source in ("membrane", "spike"):  # the block's last LIF: its input and spikes
+            probes = {"membrane": _full(x, hidden[..., 0], rows), "spike": _full(x, spikes[..., 0], rows)}
+        return x, assign, probes
 
 
 def group_any(active: torch.Tensor, assign: torch.Tensor, n_slots: int) -> torch.Tensor:
@@ -523,14 +606,20 @@ def group_any(active: torch.Tensor, assign: torch.Tensor, n_slots: int) -> torch
     return out.scatter_reduce(1, assign, active, reduce="amax", include_self=False)
 
 
-def _linear_bn(linear: nn.Linear, bn: nn.BatchNorm1d, x: torch.Tensor, run: _Pass, active: torch.Tensor) -> torch.Tensor:
-    """Linear → BatchNorm1d over channels on [B, n, C] (one time step). In training, the batch
+def _token_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1×1 Conv2d applied to token slots [B, n, C_in] → [B, n, C_out] (it is a Linear)."""
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
+
+
+def _linear_bn(linear, bn: nn.Module, x: torch.Tensor, run: _Pass, active: torch.Tensor) -> torch.Tensor:
+    """Linear (or 1×1 conv) → BatchNorm over channels on [B, n, C] (one time step). In training, the batch
     statistics follow ``run.bn_stats`` (§6 #7): ``plain`` over every token of the step (halted ones
     included), ``masked`` over the active tokens only, ``running`` none (the running statistics
     normalise, as in eval: fine-tuning without a train/eval gap)."""
     y = linear(x)
     if not bn.training or run.bn_stats == "plain" or run.gather:
-        return bn(y.transpose(1, 2)).transpose(1, 2)
+        z = y.transpose(1, 2)  # [B, C, n]; BatchNorm2d (SDT) wants [B, C, n, 1]
+        return (bn(z.unsqueeze(-1)).squeeze(-1) if isinstance(bn, nn.BatchNorm2d) else bn(z)).transpose(1, 2)
     if run.bn_stats == "running":
         return F.batch_norm(y.transpose(1, 2), bn.running_mean, bn.running_var, bn.weight, bn.bias,
                             False, 0.0, bn.eps).transpose(1, 2)
@@ -577,9 +666,14 @@ def _create(model_name: str, pretrained: bool = False, **kwargs) -> ATSpikformer
     return hub.build_model(ATSpikformer, model_name, pretrained, checkpoint_filter_fn, **kwargs)
 
 
+def _create_sdt(model_name: str, pretrained: bool = False, **kwargs) -> ATSpikeDrivenTransformer:
+    return hub.build_model(ATSpikeDrivenTransformer, model_name, pretrained, checkpoint_filter_fn, **kwargs)
+
+
 default_cfgs = generate_default_cfgs({
     "atsnn_spikformer_tiny": _cfg(num_classes=10, input_size=(3, 32, 32), mean=(0.5,), std=(0.5,), paper_ids="arXiv:2408.12293"),
     "atsnn_spikformer_cifar_4_384": _cifar_cfg(paper_ids="arXiv:2408.12293"),
+    "atsnn_sdt_tiny": _sdt_cfg(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, mean=(0.5,), std=(0.5,)),
 })
 
 
@@ -595,3 +689,10 @@ def atsnn_spikformer_cifar_4_384(pretrained: bool = False, **kwargs) -> ATSpikfo
     """Spikformer-4-384 with AT-SNN (CIFAR-10/100; TinyImageNet at img_size 64, N = 256)."""
     args = dict(kind="cifar", depth=4, embed_dim=384, num_heads=12, img_size=32, num_classes=10)
     return _create("atsnn_spikformer_cifar_4_384", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def atsnn_sdt_tiny(pretrained: bool = False, **kwargs) -> ATSpikeDrivenTransformer:
+    """sdt_tiny (2 blocks, D = 64, CIFAR layout) with AT-SNN halting: beyond the paper, for digits and tests."""
+    args = dict(_SDT_CIFAR, depth=2, embed_dim=64, num_heads=4)
+    return _create_sdt("atsnn_sdt_tiny", pretrained, **dict(args, **kwargs))

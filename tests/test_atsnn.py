@@ -315,3 +315,76 @@ def test_running_bn_leaves_block_statistics_and_trains_affine():
     assert model.block[0].attn.q_bn.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="atsnn.bn_stats must be one of"):
         atsnn.ATSNNConfig.from_any({"bn_stats": "frozen"})
+
+
+# --- AT-SNN on SDT (beyond the paper) --------------------------------------------------------------
+
+
+def make_sdt(seed=0, **opts):
+    """atsnn_sdt_tiny (readout time_mean) in eval mode, float64, and sdt_tiny with the same weights."""
+    torch.manual_seed(seed)
+    model = timm.create_model("atsnn_sdt_tiny", num_classes=10, in_chans=1, backend="torch",
+                              atsnn=dict(dict(readout="time_mean"), **opts))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():  # trained-like weights and BN statistics: input-dependent tokens that fire
+            if isinstance(m, torch.nn.Conv2d):  # (SDT's init std 0.02 makes every BN output nearly constant)
+                m.weight.mul_(25.0)
+            elif isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.5 - 0.3)
+                m.running_var.fill_(0.5)
+        if opts.get("score_source") == "learned":
+            model.halt_head.weight.copy_(torch.randn(1, 64, generator=g))
+    base = timm.create_model("sdt_tiny", num_classes=10, in_chans=1, backend="torch")
+    base.load_state_dict(model.state_dict(), strict=False)
+    return model.double().eval(), base.double().eval()
+
+
+SDT_PARTIAL = dict(gate_center=2.0, gate_scale=0.1, score_source="learned")
+
+
+def test_sdt_without_halting_is_sdt():
+    model, base = make_sdt(gate_center=50.0)  # h ≈ 0: every token runs to the forced last position
+    x = images(3)
+    assert torch.equal(model(x), base(x))
+    assert torch.equal(model.token_stats["tokens"], torch.full((3,), float(N * L * T), dtype=torch.float64))
+    off, base = make_sdt(halting=False)
+    assert torch.equal(off(x), base(x))
+
+
+def test_sdt_halted_tokens_cannot_leak_and_gather_equals_masking():
+    model, _ = make_sdt(**SDT_PARTIAL)
+    x = images(4)
+    ref = model(x)
+    tokens = model.token_stats["tokens"]
+    assert (tokens < N * L * T).all() and tokens.unique().numel() > 1, "the test needs token-dependent halting"
+    model._scramble_inactive = True
+    torch.testing.assert_close(model(x), ref, atol=1e-12, rtol=0)
+    masked, _ = make_sdt(gather_at_batch1=False, **SDT_PARTIAL)
+    gathered, _ = make_sdt(gather_at_batch1=True, **SDT_PARTIAL)
+    one = images(1, seed=3)
+    torch.testing.assert_close(gathered(one), masked(one), atol=1e-9, rtol=1e-9)
+    assert torch.equal(gathered.token_stats["tokens"], masked.token_stats["tokens"])
+
+
+def test_sdt_training_step_and_per_step_logits():
+    model, _ = make_sdt(**SDT_PARTIAL)
+    model.train()
+    out = model(images(4))
+    loss = out.logsumexp(1).mean() + model.aux_loss()
+    loss.backward()
+    assert torch.isfinite(loss) and model.halt_head.weight.grad.abs().sum() > 0
+    per_step = timm.create_model("atsnn_sdt_tiny", num_classes=10, in_chans=1, per_step_logits=True,
+                                 atsnn=dict(readout="time_mean")).eval()
+    assert per_step(images(2, double=False)).shape == (T, 2, 10)
+
+
+@pytest.mark.parametrize("opts,message", [
+    (dict(readout="mean_field"), "use atsnn.readout=time_mean"),
+    (dict(readout="time_mean", merge_r=2), "merging is implemented on Spikformer only"),
+])
+def test_sdt_rejects_unsupported_options(opts, message):
+    with pytest.raises(ValueError, match=message):
+        timm.create_model("atsnn_sdt_tiny", atsnn=opts)
+    with pytest.raises(ValueError, match="without dvs_mode"):
+        timm.create_model("atsnn_sdt_tiny", dvs_mode=True, atsnn=dict(readout="time_mean"))
