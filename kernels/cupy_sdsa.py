@@ -12,6 +12,10 @@ from spikeformers.kernels.cupy_lif import _SUFFIX, _arg, _launch
 __all__ = ["SDSACupyFunction"]
 
 
+def _contiguous(q, k, v):
+    return tuple(t.detach().to(q.dtype).contiguous() for t in (q, k, v))
+
+
 class SDSACupyFunction(torch.autograd.Function):
     """O = Q ⊙ LIF(Σ_N K ⊙ V) on CUDA spikes [T, B, C, N] (float32/float16/bfloat16)."""
 
@@ -19,7 +23,9 @@ class SDSACupyFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, tau, v_threshold, v_reset, detach_reset, alpha):
         if q.dtype not in _SUFFIX:
             raise TypeError(f"SDSA backend 'cupy' supports float32/float16/bfloat16, got {q.dtype}")
-        q, k, v = (t.detach().to(q.dtype).contiguous() for t in (q, k, v))
+        # save the inputs themselves (not contiguous copies): packed storage can then store them as bits
+        ctx.save_for_backward(q, k, v)
+        q, k, v = _contiguous(q, k, v)
         T, N = q.shape[0], q.shape[-1]
         R = q[0].numel() // N
         out = torch.empty_like(q)
@@ -27,13 +33,14 @@ class SDSACupyFunction(torch.autograd.Function):
         _launch(f"sdsa_forward_{_SUFFIX[q.dtype]}", R, q.device, _arg(q), _arg(k), _arg(v), _arg(out), _arg(h_seq),
                 np.int64(T), np.int64(R), np.int64(N), np.float32(tau), np.float32(v_threshold), np.float32(v_reset),
                 file="sdsa.cu")
-        ctx.save_for_backward(q, k, v, h_seq)
+        ctx.h_seq = h_seq  # float32 [T, B·C], never spikes
         ctx.params = (tau, v_threshold, v_reset, detach_reset, alpha)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, h_seq = ctx.saved_tensors
+        q, k, v = _contiguous(*ctx.saved_tensors)
+        h_seq = ctx.h_seq
         tau, v_threshold, v_reset, detach_reset, alpha = ctx.params
         grad = grad_out.detach().to(q.dtype).contiguous()
         grads = [torch.empty_like(q) for _ in range(3)]

@@ -620,20 +620,25 @@ def _linear_bn(linear, bn: nn.Module, x: torch.Tensor, run: _Pass, active: torch
     if not bn.training or run.bn_stats == "plain" or run.gather:
         z = y.transpose(1, 2)  # [B, C, n]; BatchNorm2d (SDT) wants [B, C, n, 1]
         return (bn(z.unsqueeze(-1)).squeeze(-1) if isinstance(bn, nn.BatchNorm2d) else bn(z)).transpose(1, 2)
+    frozen = lambda: F.batch_norm(y.transpose(1, 2), bn.running_mean, bn.running_var, bn.weight, bn.bias,  # noqa: E731
+                                  False, 0.0, bn.eps).transpose(1, 2)
     if run.bn_stats == "running":
-        return F.batch_norm(y.transpose(1, 2), bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                            False, 0.0, bn.eps).transpose(1, 2)
-    weight = active[..., None].to(y.dtype)  # [B, n, 1]
-    count = weight.sum()
-    mean = (y * weight).sum((0, 1)) / count.clamp_min(1)  # [C]
-    var = ((y - mean) ** 2 * weight).sum((0, 1)) / count.clamp_min(1)
+        return frozen()
+    # masked: statistics over the active tokens only, in at least fp32 (AMP-safe counts and sums)
+    dtype = torch.promote_types(y.dtype, torch.float32)
+    weight = active[..., None].to(dtype)  # [B, n, 1]
+    count = float(weight.sum())
+    if count < 2:  # no (unbiased) statistics: normalise with the running ones, update nothing
+        return frozen()
+    yf = y.to(dtype)
+    mean = (yf * weight).sum((0, 1)) / count  # [C]
+    var = ((yf - mean) ** 2 * weight).sum((0, 1)) / count
     with torch.no_grad():  # as nn.BatchNorm1d: momentum update, unbiased variance
         bn.num_batches_tracked += 1
         momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
         bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
-        unbiased = var * count / (count - 1).clamp_min(1)
-        bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
-    return (y - mean) * torch.rsqrt(var + bn.eps) * bn.weight + bn.bias
+        bn.running_var.lerp_((var * count / (count - 1)).to(bn.running_var.dtype), momentum)
+    return ((yf - mean) * torch.rsqrt(var + bn.eps) * bn.weight + bn.bias).to(y.dtype)
 
 
 def _rows(active: torch.Tensor, gather: bool) -> torch.Tensor | None:

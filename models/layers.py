@@ -84,7 +84,7 @@ def checkpoint_block(block: nn.Module, x: torch.Tensor, fn=None) -> torch.Tensor
     during the recomputation so they are updated exactly once, as without checkpointing.
     ``fn`` (default: ``block`` itself) is the part of ``block`` to run, e.g. one of its layers."""
     contexts = lambda: (contextlib.nullcontext(), _FrozenBatchNormStats(block))  # noqa: E731
-    return checkpoint(fn or block, x, use_reentrant=False, context_fn=contexts)
+    return checkpoint(block if fn is None else fn, x, use_reentrant=False, context_fn=contexts)
 
 
 class SpikingClassifier(nn.Module):

@@ -5,11 +5,13 @@ gradient: {0, 1} tensors in float32/bf16/fp16, 16–32 bits per spike. Inside :f
 every floating tensor autograd saves is checked, and one whose values are all 0 or 1 is kept as
 1 bit per element (8 per byte; on CUDA with CuPy and float32, 32 per word through
 ``kernels/lif.cu``'s pack kernels) and unpacked when backward needs it. The check is by value,
-so packing is lossless by construction and gradients are bit-identical to the plain run.
+so packing is lossless by construction (values and shape; channels_last tensors keep their
+layout; a -0.0 comes back as 0.0) and gradients are bit-identical to the plain run.
 
 Cost: a 1,024-element sample rules out most non-spike tensors (BatchNorm inputs, membranes) at
 once; a spike tensor costs one checking pass and one packing pass in forward, one unpacking
 pass in backward. Parameters and tensors without a graph (a neuron's saved membrane) are skipped.
+On CUDA each check reads its result back to the host (one synchronisation per saved tensor).
 
 Activation checkpointing (``set_grad_checkpointing``) keeps stage inputs only and recomputes the
 rest; inside a checkpointed stage its own hooks decide what is stored, so the two options are
@@ -71,22 +73,29 @@ def _cuda_words(t: torch.Tensor) -> bool:
 def _pack(t: torch.Tensor):
     if t.grad_fn is None or t.numel() < _MIN_ELEMENTS or not is_binary(t):
         return t
+    # channels_last conv inputs come back channels_last, so backward picks the same kernels
+    layout = torch.channels_last if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
+        memory_format=torch.channels_last) else torch.contiguous_format
+    if layout == torch.channels_last:
+        t = t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)  # packed in memory order
     if _cuda_words(t):
         from spikeformers.kernels.cupy_lif import pack_spikes
 
-        return ("words", pack_spikes(t), t.shape, t.dtype)
-    return ("bytes", pack_bits(t), t.shape, t.dtype)
+        return ("words", pack_spikes(t), t.shape, t.dtype, layout)
+    return ("bytes", pack_bits(t), t.shape, t.dtype, layout)
 
 
 def _unpack(saved):
     if isinstance(saved, torch.Tensor):
         return saved
-    kind, packed, shape, dtype = saved
+    kind, packed, shape, dtype, layout = saved
     if kind == "words":
         from spikeformers.kernels.cupy_lif import unpack_spikes
 
-        return unpack_spikes(packed, shape)
-    return unpack_bits(packed, shape, dtype)
+        spikes = unpack_spikes(packed, shape)
+    else:
+        spikes = unpack_bits(packed, shape, dtype)
+    return spikes.permute(0, 3, 1, 2) if layout == torch.channels_last else spikes  # NHWC memory, NCHW view
 
 
 @contextlib.contextmanager

@@ -34,9 +34,9 @@ def sdsa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_lif: 
 
 def sdsa_forward_fused(q, k, v, tau: float, v_threshold: float, v_reset: float):
     """[T, R, N] spikes -> (O [T, R, N], H [T, R] fp32). Inductor fuses it into two loops."""
-    token_sum = k.mul(v).sum(dim=-1)  # [T, R]: spike counts, exact in any float dtype up to 2^11 tokens
+    token_sum = k.mul(v).sum(dim=-1, dtype=torch.promote_types(k.dtype, torch.float32))  # [T, R] counts, as sdsa.cu
     mask, h_seq = lif_forward_loop(token_sum, tau, v_threshold, v_reset)
-    return q.mul(mask.unsqueeze(-1)), h_seq
+    return q.mul(mask.to(q.dtype).unsqueeze(-1)), h_seq
 
 
 def sdsa_backward_fused(grad_out, q, k, v, h_seq, tau: float, v_threshold: float, v_reset: float,

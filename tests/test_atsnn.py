@@ -388,3 +388,18 @@ def test_sdt_rejects_unsupported_options(opts, message):
         timm.create_model("atsnn_sdt_tiny", atsnn=opts)
     with pytest.raises(ValueError, match="without dvs_mode"):
         timm.create_model("atsnn_sdt_tiny", dvs_mode=True, atsnn=dict(readout="time_mean"))
+
+
+def test_masked_bn_with_fewer_than_two_active_tokens_keeps_running_statistics():
+    from spikeformers.models.atsnn import _linear_bn, _Pass
+
+    bn = torch.nn.BatchNorm1d(4).train()
+    bn.running_mean.fill_(0.5)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    x = torch.randn(2, 3, 4)
+    active = torch.zeros(2, 3, dtype=torch.bool)
+    active[0, 1] = True  # one active token: no unbiased variance
+    out = _linear_bn(torch.nn.Identity(), bn, x, _Pass(bn_stats="masked"), active)
+    assert all(torch.equal(v, bn.state_dict()[k]) for k, v in before.items())
+    expected = (x - 0.5) / torch.sqrt(torch.tensor(1.0 + bn.eps))  # running statistics: mean 0.5, var 1
+    torch.testing.assert_close(out, expected)

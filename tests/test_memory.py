@@ -66,3 +66,13 @@ def test_packed_storage_same_gradients_less_memory(name):
         assert torch.equal(plain_grads[n], packed_grads[n]), n
     # Spike inputs of convs/linears are a third or more of what these models keep for backward.
     assert packed_bytes < 0.8 * plain_bytes, (packed_bytes, plain_bytes)
+
+
+def test_packing_keeps_channels_last_layout():
+    spikes = (torch.rand(2, 8, 16, 16, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+    spikes = spikes.contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = spikes * 1.0  # a graph node (only such tensors are packed)
+    saved = memory._pack(y)
+    assert isinstance(saved, tuple) and saved[0] == "bytes"
+    back = memory._unpack(saved)
+    assert torch.equal(back, y) and back.is_contiguous(memory_format=torch.channels_last)
