@@ -462,10 +462,12 @@ class AdaptiveTokens:
             v = v.clone()
             v[:, rows] = v_rows
             run.lif_v[key] = v
+            _report(lif, inp, spikes)
             return spikes
         spikes, v_new = lif_step(lif, inp, v)
         m = active[..., None]
         run.lif_v[key] = torch.where(m, v_new, v)
+        _report(lif, inp, spikes[active])
         return spikes * m.to(spikes.dtype)
 
 
@@ -598,6 +600,16 @@ class ATSpikeDrivenTransformer(AdaptiveTokens, SpikeDrivenTransformer):
         if self.atsnn.score_source in ("membrane", "spike"):  # the block's last LIF: its input and spikes
             probes = {"membrane": _full(x, hidden[..., 0], rows), "spike": _full(x, spikes[..., 0], rows)}
         return x, assign, probes
+
+
+def _report(lif: LIF, inp: torch.Tensor, processed: torch.Tensor) -> None:
+    """Give ``lif``'s forward hooks (firing-rate monitors) the spikes of the neurons this step
+    actually computed: the step-wise path never calls ``lif`` itself."""
+    for hook_id, hook in lif._forward_hooks.items():
+        if hook_id in lif._forward_hooks_with_kwargs:
+            hook(lif, (inp,), {}, processed)
+        else:
+            hook(lif, (inp,), processed)
 
 
 def group_any(active: torch.Tensor, assign: torch.Tensor, n_slots: int) -> torch.Tensor:

@@ -403,3 +403,37 @@ def test_masked_bn_with_fewer_than_two_active_tokens_keeps_running_statistics():
     assert all(torch.equal(v, bn.state_dict()[k]) for k, v in before.items())
     expected = (x - 0.5) / torch.sqrt(torch.tensor(1.0 + bn.eps))  # running statistics: mean 0.5, var 1
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("backbone", ["spikformer", "sdt"])
+def test_firing_rate_monitor_sees_the_step_wise_neurons(backbone):
+    """With nothing halting the step-wise pass fires exactly like the backbone, so the monitor's
+    rates match the backbone's; with halting only the computed (active) neurons are counted."""
+    from spikeformers.train.evaluate import FiringRate
+
+    model, base = make_sdt(gate_center=50.0) if backbone == "sdt" else make(gate_center=50.0)
+    x = images(3)
+    rates = []
+    for m in (model, base):
+        monitor = FiringRate(m)
+        m(x)
+        monitor.remove()
+        rates.append((monitor.block_rates(), monitor.count))
+    assert set(rates[0][0]) == set(rates[1][0]) and {"block.0", "block.1"} <= set(rates[0][0])
+    assert rates[0][1] == rates[1][1]
+    for block, rate in rates[1][0].items():
+        assert rates[0][0][block] == pytest.approx(rate, abs=1e-12), block
+    halting, _ = make_sdt(**SDT_PARTIAL) if backbone == "sdt" else make(**PARTIAL[0])
+    monitor = FiringRate(halting)
+    halting(x)
+    assert monitor.count < rates[1][1]  # halted neurons are not counted
+
+
+def test_energy_analysis_rejects_active_atsnn_and_accepts_it_off():
+    from spikeformers.train.energy import analyze
+
+    model, _ = make(gate_center=2.0)
+    with pytest.raises(ValueError, match="does not support AT-SNN models with halting or merging active"):
+        analyze(model, [images(1)])
+    off, _ = make(halting=False)
+    assert analyze(off, [images(1)]).layers

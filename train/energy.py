@@ -280,6 +280,9 @@ def analyze(model: nn.Module, batches, cfg: EnergyConfig | None = None, model_na
     ``batches`` yields model inputs (images [B, C, H, W] or sequences [T, B, C, H, W]).
     """
     cfg = cfg or EnergyConfig()
+    if getattr(model, "adaptive", False):  # AT-SNN's step-wise pass bypasses the attention modules
+        raise ValueError(f"energy analysis does not support AT-SNN models with halting or merging active "
+                         f"({type(model).__name__}); analyse the backbone (atsnn=off)")
     rec = _Recorder(model, cfg)
     was_training = model.training
     model.eval()
