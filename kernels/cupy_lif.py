@@ -31,7 +31,7 @@ def available() -> tuple[bool, str]:
     except ImportError:
         return False, f"CuPy is not installed: {INSTALL_HINT}"
     try:
-        _module().get_function("lif_forward_f32")  # compiles the module
+        _module("lif.cu").get_function("lif_forward_f32")  # compiles the module (the cache key _launch uses)
     except Exception as err:  # CuPy compile / driver errors
         return False, f"CuPy cannot compile the kernels ({type(err).__name__}: {err}); check that the CuPy wheel matches torch's CUDA ({INSTALL_HINT})"
     return True, ""
@@ -55,7 +55,7 @@ def kernel_source(file: str, _seen: set | None = None) -> str:
 
 
 @lru_cache(maxsize=None)
-def _module(file: str = "lif.cu"):
+def _module(file: str):
     import cupy
 
     # --fmad=false: no fused multiply-add contraction, so results match the CPU reference bit for bit.

@@ -15,18 +15,20 @@ from spikeformers.models.neurons import LIF
 N, L, T = 64, 2, 4  # spikformer_tiny on 32×32: 8×8 tokens, 2 blocks, 4 time steps
 
 
+def trained_like_bn(model, generator):
+    """Trained-like BN statistics so that tokens fire (random init leaves most LIFs silent)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=generator) * 0.5 - 0.3)
+            m.running_var.fill_(0.5)
+
+
 def make(seed=0, double=True, **opts):
     """AT-SNN tiny model in eval mode and the plain Spikformer with the same weights."""
     torch.manual_seed(seed)
     model = timm.create_model("atsnn_spikformer_tiny", num_classes=10, in_chans=1, backend="torch", atsnn=opts)
     base = timm.create_model("spikformer_tiny", num_classes=10, in_chans=1, backend="torch")
-    base.load_state_dict(model.state_dict(), strict=False)
-    # trained-like BN statistics so that tokens fire (random init leaves most LIFs silent)
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.5 - 0.3)
-            m.running_var.fill_(0.5)
+    trained_like_bn(model, torch.Generator().manual_seed(seed))
     base.load_state_dict(model.state_dict(), strict=False)
     if opts.get("score_source") == "learned":  # a random halting head: token-dependent scores
         with torch.no_grad():
@@ -327,12 +329,10 @@ def make_sdt(seed=0, **opts):
                               atsnn=dict(dict(readout="time_mean"), **opts))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for m in model.modules():  # trained-like weights and BN statistics: input-dependent tokens that fire
-            if isinstance(m, torch.nn.Conv2d):  # (SDT's init std 0.02 makes every BN output nearly constant)
+        for m in model.modules():  # SDT's init std 0.02 makes every BN output nearly input-independent
+            if isinstance(m, torch.nn.Conv2d):
                 m.weight.mul_(25.0)
-            elif isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.5 - 0.3)
-                m.running_var.fill_(0.5)
+        trained_like_bn(model, g)
         if opts.get("score_source") == "learned":
             model.halt_head.weight.copy_(torch.randn(1, 64, generator=g))
     base = timm.create_model("sdt_tiny", num_classes=10, in_chans=1, backend="torch")
