@@ -15,7 +15,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["seq", "time_sequence", "checkpoint_filter_fn", "family_filter", "state_dims", "SpikingClassifier", "checkpoint_block"]
+__all__ = [
+    "seq", "time_sequence", "split_heads", "ssa_product", "checkpoint_filter_fn", "family_filter", "state_dims",
+    "checkpoint_block",
+]
 
 
 def seq(x: torch.Tensor, *modules: nn.Module) -> torch.Tensor:
@@ -57,6 +60,27 @@ def time_sequence(
     return x
 
 
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[T, B, N, C] -> [T, B, h, N, d], head-major channels (c = head * d + j)."""
+    T, B, N, C = x.shape
+    return x.reshape(T, B, N, num_heads, C // num_heads).permute(0, 1, 3, 2, 4)
+
+
+def ssa_product(q, k, v, scale: float, order: str) -> torch.Tensor:
+    """Spiking self-attention without softmax (Spikformer, ICLR 2023, eq. 9), [T, B, h, N, d] each.
+
+    The three official files multiply in different orders; on spikes every product is an integer
+    and ``scale`` a power of two, so the orders agree in fp32, but fp16 rounding follows the order:
+    ``"qk_scale_v"`` ((Q Kᵀ) s) V (CIFAR), ``"qk_v_scale"`` ((Q Kᵀ) V) s (DVS, Spikingformer),
+    ``"q_kv_scale"`` Q (Kᵀ V) s (ImageNet: linear in the token count).
+    """
+    if order == "qk_scale_v":
+        return (q @ k.transpose(-2, -1) * scale) @ v
+    if order == "qk_v_scale":
+        return (q @ k.transpose(-2, -1)) @ v * scale
+    return q @ (k.transpose(-2, -1) @ v) * scale
+
+
 class _FrozenBatchNormStats(contextlib.AbstractContextManager):
     """While active, BatchNorm layers in ``module`` normalise with batch statistics as usual but
     leave their running statistics and ``num_batches_tracked`` untouched (momentum 0)."""
@@ -85,49 +109,6 @@ def checkpoint_block(block: nn.Module, x: torch.Tensor, fn=None) -> torch.Tensor
     ``fn`` (default: ``block`` itself) is the part of ``block`` to run, e.g. one of its layers."""
     contexts = lambda: (contextlib.nullcontext(), _FrozenBatchNormStats(block))  # noqa: E731
     return checkpoint(block if fn is None else fn, x, use_reentrant=False, context_fn=contexts)
-
-
-class SpikingClassifier(nn.Module):
-    """The timm model API shared by the families: classifier access, parameter groups for
-    layer-wise LR decay, weight-decay exclusions, gradient checkpointing over blocks.
-    Subclasses define ``head``, ``embed_dim``, ``block`` (a ModuleList) and a ``patch_embed``."""
-
-    stem_regex = r"^patch_embed"
-    grad_checkpointing = False
-
-    def run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Run ``patch_embed`` or a block, checkpointed when grad checkpointing is on. A stage
-        with a ``layer_checkpointing`` flag checkpoints its own layers one by one instead (a
-        patch embedding at full resolution would otherwise be recomputed all at once)."""
-        if (self.grad_checkpointing and self.training and torch.is_grad_enabled()
-                and not hasattr(stage, "layer_checkpointing")):
-            return checkpoint_block(stage, x)
-        return stage(x)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return set()
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=self.stem_regex, blocks=r"^block\.(\d+)")
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in backward instead of keeping its activations (less memory,
-        about one extra forward pass of the blocks). Gradients are unchanged."""
-        self.grad_checkpointing = enable
-        for module in self.modules():
-            if hasattr(module, "layer_checkpointing"):
-                module.layer_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
 
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module | None = None) -> dict:
@@ -166,3 +147,12 @@ def state_dims(state: dict, source: object, model_name: str | None = None) -> tu
     if classifier not in state or first_conv not in state:
         raise ValueError(f"{source} does not look like a {model_name or 'Spikformer/SDT'} state_dict (no {classifier} / {first_conv})")
     return state[classifier].shape[0], state[first_conv].shape[1]
+
+
+def __getattr__(name: str):
+    # Transitional: the model base moved to spikeformers.models.base.
+    if name == "SpikingClassifier":
+        from spikeformers.models.base import SpikingClassifier
+
+        return SpikingClassifier
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -47,9 +47,9 @@ from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from spikeformers.models import hub, layers
-from spikeformers.models.layers import SpikingClassifier, seq, time_sequence
+from spikeformers.models.base import SpikingClassifier, build_spiking_model, fx_leaf
+from spikeformers.models.layers import seq, split_heads
 from spikeformers.models.neurons import LIF
-from spikeformers.models.spikformer import split_heads
 
 __all__ = [
     "QKFormer", "QKTokenAttention", "SpikingSelfAttention", "SpikingMlp", "QKBlock", "SSABlock",
@@ -172,6 +172,7 @@ class SpikingMlp(nn.Module):
         return x
 
 
+@fx_leaf
 class QKBlock(nn.Module):
     """Stages 1–2 (official ``TokenSpikingTransformer``): x ← x + QK(x); x ← x + MLP(x)."""
 
@@ -185,6 +186,7 @@ class QKBlock(nn.Module):
         return x + self.mlp(x)
 
 
+@fx_leaf
 class SSABlock(nn.Module):
     """Last stage (official ``SpikingTransformer``): x ← x + SSA(x); x ← x + MLP(x). The attention
     is registered as ``attn_name`` (``"attn"`` on ImageNet, ``"ssa"`` on CIFAR/DVS)."""
@@ -208,6 +210,7 @@ class SSABlock(nn.Module):
 # --- patch embeddings ---------------------------------------------------------------------------
 
 
+@fx_leaf
 class SpikingPatchEmbed(nn.Module):
     """Patch embedding with a spiking shortcut (§3.2), [T, B, C_in, H, W] -> [T, B, E, H/r, W/r].
 
@@ -334,8 +337,7 @@ class QKFormer(SpikingClassifier):
         super().__init__()
         if kind not in _KINDS:
             raise ValueError(f"unknown QKFormer kind {kind!r}; expected one of {_KINDS}")
-        if global_pool != "avg":
-            raise ValueError(f"QKFormer only supports global_pool='avg', got {global_pool!r}")
+        self.check_global_pool(global_pool, "QKFormer")
         divs = _STAGE_DIV[kind]
         min_multiple = divs[0] * (8 if kind == "dvs" else 2)  # first stage dim must allow E/8 (DVS) or E/2
         if embed_dim % min_multiple:
@@ -415,28 +417,12 @@ class QKFormer(SpikingClassifier):
         return dict(stem=self.stem_regex, blocks=[(r"^patch_embed(\d+)\.", (-1,)), (r"^stage(\d+)\.(\d+)\.", None)])
 
     def stages(self):
-        """(patch embedding, blocks) per stage, in forward order."""
-        return [(getattr(self, f"patch_embed{i}"), getattr(self, f"stage{i}")) for i in range(1, self.num_stages + 1)]
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Input → integer-valued stream of the last stage [T, B, D, H', W']."""
-        x = time_sequence(x, self.T, self.in_chans, self.size_multiple, type(self).__name__)
-        for patch_embed, blocks in self.stages():
-            x = self.run_stage(patch_embed, x)
-            for blk in blocks:
-                x = self.run_stage(blk, x)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        # §3.3: mean over tokens → mean over T → Linear; no head LIF.
-        x = x.flatten(3).mean(3)  # [T, B, D]
-        if self.per_step_logits and not pre_logits:
-            return self.head(x)  # [T, B, K]
-        x = x.mean(0)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        """Per stage i: ``patch_embed{i}``, then its blocks ``stage{i}.0``, ``stage{i}.1``, ..."""
+        out = []
+        for i in range(1, self.num_stages + 1):
+            out.append((f"patch_embed{i}", getattr(self, f"patch_embed{i}")))
+            out += [(f"stage{i}.{j}", blk) for j, blk in enumerate(getattr(self, f"stage{i}"))]
+        return out
 
 
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module | None = None) -> dict:
@@ -451,7 +437,7 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module | None = None) -> di
 
 
 def _create_qkformer(variant: str, pretrained: bool = False, **kwargs) -> QKFormer:
-    return hub.build_model(QKFormer, variant, pretrained, checkpoint_filter_fn, **kwargs)
+    return build_spiking_model(QKFormer, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 _CIFAR10_MEAN, _CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

@@ -21,7 +21,8 @@ from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from spikeformers.models import hub
-from spikeformers.models.layers import SpikingClassifier, checkpoint_block, checkpoint_filter_fn, seq, time_sequence
+from spikeformers.models.base import SpikingClassifier, build_spiking_model, fx_leaf
+from spikeformers.models.layers import checkpoint_block, checkpoint_filter_fn, seq
 from spikeformers.models.neurons import LIF
 from spikeformers.models.sdsa import sdsa
 
@@ -100,6 +101,7 @@ class MembraneShortcutMlp(nn.Module):
         return x + identity
 
 
+@fx_leaf
 class Block(nn.Module):
     """x ← MLP(SDSA(x)); each sub-module holds its own residual. No norms, no DropPath (§3.3)."""
 
@@ -112,6 +114,7 @@ class Block(nn.Module):
         return self.mlp(self.attn(x))
 
 
+@fx_leaf
 class MembraneShortcutPatchEmbed(nn.Module):
     """``MS_SPS`` (§3.2): [T, B, C_in, H, W] -> real-valued [T, B, D, H', W'].
 
@@ -160,7 +163,11 @@ class MembraneShortcutPatchEmbed(nn.Module):
 class SpikeDrivenTransformer(SpikingClassifier):
     """SDT v1 backbone + head. Input: images [B, C, H, W] (repeated over ``T``) or sequences
     [T, B, C, H, W] (time first). Output: logits [B, K] averaged over time, or per-step
-    [T, B, K] with ``per_step_logits=True`` (TET loss)."""
+    [T, B, K] with ``per_step_logits=True`` (TET loss).
+
+    Head (§3.4): mean over tokens → head LIF → Linear per step → mean over T after the Linear."""
+
+    readout, head_neuron = "head_then_mean", "head_lif"
 
     def __init__(
         self,
@@ -183,8 +190,7 @@ class SpikeDrivenTransformer(SpikingClassifier):
         super().__init__()
         if embed_dim % 8:
             raise ValueError(f"embed_dim must be a multiple of 8 (MS_SPS widths D/8..D), got {embed_dim}")
-        if global_pool != "avg":
-            raise ValueError(f"SpikeDrivenTransformer only supports global_pool='avg', got {global_pool!r}")
+        self.check_global_pool(global_pool, "SpikeDrivenTransformer")
         # drop_path_rate: the official model creates DropPath but never applies it (§3.3).
         self.T, self.in_chans, self.img_size = T, in_chans, img_size
         self.num_classes = num_classes
@@ -200,7 +206,7 @@ class SpikeDrivenTransformer(SpikingClassifier):
         )
         self.head_lif = lif()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = [dict(num_chs=embed_dim, reduction=self.size_multiple, module="block")]
+        self.feature_info = self.block_feature_info(embed_dim, self.size_multiple)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -214,28 +220,9 @@ class SpikeDrivenTransformer(SpikingClassifier):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Input → real-valued block stream [T, B, D, H', W']."""
-        x = time_sequence(x, self.T, self.in_chans, self.size_multiple, type(self).__name__)
-        x = self.run_stage(self.patch_embed, x)
-        for blk in self.block:
-            x = self.run_stage(blk, x)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        # §3.4: mean over tokens → head LIF → Linear per step → mean over T after the Linear.
-        x = self.head_lif(x.flatten(3).mean(3))  # [T, B, D] spikes
-        if pre_logits:
-            return x.mean(0)
-        x = self.head(x)  # [T, B, K]
-        return x if self.per_step_logits else x.mean(0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
 
 def _create_sdt(model_name: str, pretrained: bool = False, **kwargs) -> SpikeDrivenTransformer:
-    return hub.build_model(SpikeDrivenTransformer, model_name, pretrained, checkpoint_filter_fn, **kwargs)
+    return build_spiking_model(SpikeDrivenTransformer, model_name, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict:

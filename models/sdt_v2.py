@@ -39,7 +39,8 @@ from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from spikeformers.models import hub, layers
-from spikeformers.models.layers import SpikingClassifier, seq, time_sequence
+from spikeformers.models.base import SpikingClassifier, build_spiking_model, fx_leaf
+from spikeformers.models.layers import seq
 from spikeformers.models.neurons import LIF
 
 __all__ = [
@@ -165,6 +166,7 @@ class SepConv(nn.Module):
         return seq(self.lif2(x), self.dwconv, self.pwconv2, self.bn2)
 
 
+@fx_leaf
 class MSConvBlock(nn.Module):
     """``MS_ConvBlock``: x ← x + SepConv(x); x ← x + BN(conv3×3(LIF(BN(conv3×3(LIF(x)))))), hidden 4C."""
 
@@ -187,6 +189,7 @@ class MSConvBlock(nn.Module):
         return x_feat + x
 
 
+@fx_leaf
 class MSDownSampling(nn.Module):
     """``MS_DownSampling``: [LIF] → Conv2d (bias) → BN; the first one has no LIF (image input)."""
 
@@ -262,6 +265,7 @@ class MSMlp(nn.Module):
         return x.reshape(shape)
 
 
+@fx_leaf
 class MSBlock(nn.Module):
     """``MS_Block``: x ← x + Attn(x); x ← x + MLP(x). No norms; DropPath is never applied officially."""
 
@@ -326,8 +330,7 @@ class SpikeDrivenTransformerV2(SpikingClassifier):
             raise ValueError(f"depths must give the block counts of the two transformer stages, got {depths}")
         if embed_dim[2] % num_heads or embed_dim[3] % num_heads:
             raise ValueError(f"embed_dim {embed_dim[2]} and {embed_dim[3]} must be divisible by num_heads {num_heads}")
-        if global_pool != "avg":
-            raise ValueError(f"SpikeDrivenTransformerV2 only supports global_pool='avg', got {global_pool!r}")
+        self.check_global_pool(global_pool, "SpikeDrivenTransformerV2")
         self.T, self.in_chans, self.img_size = T, in_chans, img_size
         self.num_classes = num_classes
         self.embed_dim, self.depths = embed_dim, tuple(depths)
@@ -374,14 +377,18 @@ class SpikeDrivenTransformerV2(SpikingClassifier):
 
     # --- timm API ---
 
+    classifiers = ("head", "head_kd")  # reset_classifier rebuilds both
+
     def stages(self):
         """(name, module) of every downsampler and block, in forward order."""
+        out = []
         for name in self._stage_names:
             module = getattr(self, name)
             if isinstance(module, nn.ModuleList):
-                yield from ((f"{name}.{i}", blk) for i, blk in enumerate(module))
+                out += [(f"{name}.{i}", blk) for i, blk in enumerate(module)]
             else:
-                yield name, module
+                out.append((name, module))
+        return out
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -393,27 +400,7 @@ class SpikeDrivenTransformerV2(SpikingClassifier):
             names = list(dict.fromkeys(n.split(".")[0] for n in names))
         return dict(stem=r"^downsample1_1\.", blocks=[(rf"^{re.escape(n)}\.", (i,)) for i, n in enumerate(names)])
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"SpikeDrivenTransformerV2 only supports global_pool='avg', got {global_pool!r}")
-        self.num_classes = num_classes
-        make = lambda: nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()  # noqa: E731
-        self.head = make()
-        if self.kd:
-            self.head_kd = make()
-
-    # --- forward ---
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Input → real-valued stream of the last stage [T, B, C3, H/16, W/16]."""
-        x = time_sequence(x, self.T, self.in_chans, self.size_multiple, type(self).__name__)
-        for _, stage in self.stages():
-            x = self.run_stage(stage, x)
-        return x
+    # --- forward (the rest comes from SpikingClassifier) ---
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
         # §2.5: mean over tokens → head LIF → Linear per step → mean over T.
@@ -430,9 +417,6 @@ class SpikeDrivenTransformerV2(SpikingClassifier):
         if self.training:
             return logits, logits_kd
         return (logits + logits_kd) / 2
-
-    def forward(self, x: torch.Tensor):
-        return self.forward_head(self.forward_features(x))
 
     # --- inference-time re-parameterisation (not in the official code) ---
 
@@ -478,7 +462,7 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module | None = None) -> di
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> SpikeDrivenTransformerV2:
-    return hub.build_model(SpikeDrivenTransformerV2, variant, pretrained, checkpoint_filter_fn, **kwargs)
+    return build_spiking_model(SpikeDrivenTransformerV2, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict:

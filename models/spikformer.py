@@ -29,27 +29,13 @@ from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from spikeformers.models import hub
-from spikeformers.models.layers import SpikingClassifier, checkpoint_filter_fn, seq, time_sequence
+from spikeformers.models.base import SpikingClassifier, build_spiking_model, fx_leaf
+from spikeformers.models.layers import checkpoint_filter_fn, seq, split_heads, ssa_product
 from spikeformers.models.neurons import LIF
 
 __all__ = ["Spikformer"]
 
 _KINDS = ("cifar", "imagenet", "dvs")
-
-
-def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """[T, B, N, C] -> [T, B, h, N, d], head-major channels (c = head * d + j)."""
-    T, B, N, C = x.shape
-    return x.reshape(T, B, N, num_heads, C // num_heads).permute(0, 1, 3, 2, 4)
-
-
-def ssa_product(q, k, v, scale: float, order: str) -> torch.Tensor:
-    """Softmax-free attention on spikes, [T, B, h, N, d] -> [T, B, h, N, d] (§2.4)."""
-    if order == "qk_scale_v":  # CIFAR
-        return (q @ k.transpose(-2, -1) * scale) @ v
-    if order == "qk_v_scale":  # CIFAR10-DVS
-        return (q @ k.transpose(-2, -1)) @ v * scale
-    return q @ (k.transpose(-2, -1) @ v) * scale  # "q_kv_scale", ImageNet
 
 
 class SSALinear(nn.Module):
@@ -144,6 +130,7 @@ class MlpConv(nn.Module):
         return self.fc2_lif(seq(x, self.fc2_conv, self.fc2_bn))
 
 
+@fx_leaf
 class Block(nn.Module):
     """x ← x + SSA(x); x ← x + MLP(x). ``norm1``/``norm2`` exist in the official model but are
     never applied; they are kept so official checkpoints load with ``strict=True`` (§2.3)."""
@@ -169,6 +156,7 @@ class Block(nn.Module):
         return x + self.mlp(x)
 
 
+@fx_leaf
 class SpikingPatchSplitting(nn.Module):
     """SPS (§2.2): four conv3×3 → BN → LIF stages (D/8, D/4, D/2, D), MaxPool(3,2,1) on the spikes
     of the stages in ``pool_stages``, then a relative position embedding: out = LIF(BN(conv(x))) + x.
@@ -228,14 +216,14 @@ class Spikformer(SpikingClassifier):
             raise ValueError(f"unknown Spikformer kind {kind!r}; expected one of {_KINDS}")
         if embed_dim % 8:
             raise ValueError(f"embed_dim must be a multiple of 8 (SPS widths D/8..D), got {embed_dim}")
-        if global_pool != "avg":
-            raise ValueError(f"Spikformer only supports global_pool='avg', got {global_pool!r}")
+        self.check_global_pool(global_pool, "Spikformer")
         # drop_rate / drop_path_rate: accepted for timm compatibility; the official model creates
         # DropPath but never applies it (§2.3), so they have no effect here either.
         self.kind, self.T, self.in_chans, self.img_size = kind, T, in_chans, img_size
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.per_step_logits = per_step_logits
+        self.tokens_last = kind == "cifar"  # the CIFAR model's Linear layers run on [T, B, N, D]
         lif = partial(LIF, backend=backend)
         pool_stages = (False, False, True, True) if kind == "cifar" else (True, True, True, True)
         self.size_multiple = 2 ** sum(pool_stages)
@@ -250,7 +238,7 @@ class Spikformer(SpikingClassifier):
         if kind == "dvs":
             self.norm = nn.LayerNorm(embed_dim)  # unused
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = [dict(num_chs=embed_dim, reduction=self.size_multiple, module="block")]
+        self.feature_info = self.block_feature_info(embed_dim, self.size_multiple)
         self.apply(self._init_weights)
         if kind == "dvs":
             trunc_normal_(self.pos_embed, std=0.02)
@@ -273,32 +261,20 @@ class Spikformer(SpikingClassifier):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed"} if self.kind == "dvs" else set()
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Input → block stream: [T, B, N, D] (cifar) or [T, B, D, H', W'] / [T, B, D, N]."""
-        x = time_sequence(x, self.T, self.in_chans, self.size_multiple, type(self).__name__)
-        x = self.run_stage(self.patch_embed, x)  # [T, B, D, H', W']
+    def stages(self):
+        """patch_embed → token layout → blocks."""
+        return [("patch_embed", self.patch_embed), ("tokens", self.to_tokens)] + super().stages()[1:]
+
+    def to_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """SPS maps [T, B, D, H', W'] -> the kind's block stream: [T, B, N, D] (cifar), [T, B, D, N]
+        (dvs) or unchanged (imagenet). The head averages over tokens (§2.6)."""
         if self.kind == "cifar":
-            x = x.flatten(3).transpose(-1, -2).contiguous()  # [T, B, N, D]
-        elif self.kind == "dvs":
-            x = x.flatten(3)  # [T, B, D, N]
-        for blk in self.block:
-            x = self.run_stage(blk, x)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        # §2.6: mean over tokens, then over T, then one Linear on the averaged spike counts.
-        x = x.mean(2) if self.kind == "cifar" else x.flatten(3).mean(3)  # [T, B, D]
-        if self.per_step_logits and not pre_logits:
-            return self.head(x)  # [T, B, K]
-        x = x.mean(0)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+            return x.flatten(3).transpose(-1, -2).contiguous()
+        return x.flatten(3) if self.kind == "dvs" else x
 
 
 def _create_spikformer(model_name: str, pretrained: bool = False, **kwargs) -> Spikformer:
-    return hub.build_model(Spikformer, model_name, pretrained, checkpoint_filter_fn, **kwargs)
+    return build_spiking_model(Spikformer, model_name, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 _CIFAR10_MEAN, _CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

@@ -42,9 +42,9 @@ from torch import nn
 
 from spikeformers.models import hub
 from spikeformers.models import layers
-from spikeformers.models.layers import SpikingClassifier, seq, time_sequence
+from spikeformers.models.base import SpikingClassifier, build_spiking_model, fx_leaf
+from spikeformers.models.layers import seq, split_heads, ssa_product
 from spikeformers.models.neurons import LIF
-from spikeformers.models.spikformer import split_heads, ssa_product
 
 __all__ = ["Spikingformer", "SpikingTokenizer", "SpikingSelfAttention", "SpikingMlp", "SpikingTransformerBlock"]
 
@@ -58,7 +58,7 @@ class SpikingSelfAttention(nn.Module):
     """SSA (§1.3) on the real-valued stream [T, B, C, H, W]; returns the BN output (no LIF).
 
     ``proj_lif`` is the *input* LIF (official name). ``order`` is the product order of
-    :func:`spikeformers.models.spikformer.ssa_product`: ``"qk_v_scale"`` (CIFAR, DVS) or
+    :func:`spikeformers.models.layers.ssa_product`: ``"qk_v_scale"`` (CIFAR, DVS) or
     ``"q_kv_scale"`` (ImageNet); the scale is 0.125 in both. ``contiguous_heads`` copies the
     head-split q/k/v into contiguous memory before the products, as the official ImageNet file
     does: values are the same either way, but the matmul backward then sums in the same order,
@@ -113,6 +113,7 @@ class SpikingMlp(nn.Module):
         return seq(self.mlp2_lif(x), self.mlp2_conv, self.mlp2_bn)
 
 
+@fx_leaf
 class SpikingTransformerBlock(nn.Module):
     """x ← x + SSA(x); x ← x + MLP(x) (membrane shortcut). ``norm1``/``norm2`` are never applied
     (kept for strict loading); the official DropPath is never called and is not built."""
@@ -130,6 +131,7 @@ class SpikingTransformerBlock(nn.Module):
         return x + self.mlp(x)
 
 
+@fx_leaf
 class SpikingTokenizer(nn.Module):
     """Spiking Tokenizer (§1.2): [T, B, C_in, H, W] -> real-valued BN output [T, B, D, H', W'].
 
@@ -206,8 +208,7 @@ class Spikingformer(SpikingClassifier):
             raise ValueError(f"unknown Spikingformer kind {kind!r}; expected one of {_KINDS}")
         if embed_dim % 8:
             raise ValueError(f"embed_dim must be a multiple of 8 (tokenizer widths D/8..D), got {embed_dim}")
-        if global_pool != "avg":
-            raise ValueError(f"Spikingformer only supports global_pool='avg', got {global_pool!r}")
+        self.check_global_pool(global_pool, "Spikingformer")
         self.kind, self.T, self.in_chans, self.img_size = kind, T, in_chans, img_size
         self.tau = _TAU[kind] if tau is None else float(tau)
         self.num_classes = num_classes
@@ -225,7 +226,7 @@ class Spikingformer(SpikingClassifier):
             ]
         )
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = [dict(num_chs=embed_dim, reduction=self.size_multiple, module="block")]
+        self.feature_info = self.block_feature_info(embed_dim, self.size_multiple)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -238,25 +239,6 @@ class Spikingformer(SpikingClassifier):
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Input → real-valued block stream [T, B, D, H', W']."""
-        x = time_sequence(x, self.T, self.in_chans, self.size_multiple, type(self).__name__)
-        x = self.run_stage(self.patch_embed, x)
-        for blk in self.block:
-            x = self.run_stage(blk, x)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        # §1.4: mean over tokens → mean over T → Linear; no head LIF.
-        x = x.flatten(3).mean(3)  # [T, B, D]
-        if self.per_step_logits and not pre_logits:
-            return self.head(x)  # [T, B, K]
-        x = x.mean(0)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # Alternative (Spikformer-style) naming seen in the official energy log (§1.5) -> committed naming.
@@ -291,7 +273,7 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module | None = None) -> di
 
 
 def _create_spikingformer(model_name: str, pretrained: bool = False, **kwargs) -> Spikingformer:
-    return hub.build_model(Spikingformer, model_name, pretrained, checkpoint_filter_fn, **kwargs)
+    return build_spiking_model(Spikingformer, model_name, pretrained, checkpoint_filter_fn, **kwargs)
 
 
 _CIFAR10_MEAN, _CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
