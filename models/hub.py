@@ -24,19 +24,18 @@ import importlib.resources
 import json
 import logging
 import os
-import shutil
 import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
+from spikeformers.models.serialization import atomic_write, copy_atomic, load_weights
 
 __all__ = [
     "Weights", "REGISTRY", "HashMismatchError", "OfflineError", "cache_dir", "sha256_of", "fetch", "download",
     "load_weights", "resolve", "is_offline",
-]
+]  # load_weights lives in models/serialization.py; kept here for existing callers
 
 _logger = logging.getLogger(__name__)
 _CHUNK = 1 << 20
@@ -281,16 +280,6 @@ def fetch(name: str, progress: bool | None = None) -> Path:
     return download(url, cached, weights.sha256, progress=progress)
 
 
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Safe loading: safetensors, or ``torch.load(weights_only=True)`` for anything else."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def registry_json() -> str:
     return json.dumps([w.record() for w in REGISTRY.values()], indent=2)
 
@@ -304,11 +293,9 @@ def _local_registry() -> dict[str, str]:
 def register_local(name: str, path: str | Path) -> Path:
     """Copy a converted file into the cache under the registry's file name and record its hash,
     so ``pretrained=True`` finds it; returns the cached path."""
-    from spikeformers.train.checkpoint import atomic_write
-
     weights = resolve(name)
     dest = cache_dir() / weights.filename
-    atomic_write(dest, lambda tmp: shutil.copyfile(path, tmp))
+    copy_atomic(path, dest)
     entries = _local_registry() | {name: sha256_of(dest)}
     atomic_write(cache_dir() / "local_registry.json", lambda tmp: tmp.write_text(json.dumps(entries, indent=2) + "\n"))
     return dest

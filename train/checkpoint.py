@@ -1,59 +1,18 @@
-"""Checkpoints and files written atomically (temp file in the same folder + ``os.replace``), so
-an interrupted write never leaves a half-written file behind; the previous version survives.
-
-Checkpoints hold only tensors and plain Python types, so they load with
-``torch.load(path, weights_only=True)``.
+"""Training checkpoints: written atomically (``models/serialization.py``), holding only tensors and
+plain Python types so they load with ``torch.load(path, weights_only=True)``, plus the RNG states
+an exact resume needs.
 """
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from spikeformers.models.serialization import atomic_write, copy_atomic, load_checkpoint, save_checkpoint
+
 __all__ = ["atomic_write", "save_checkpoint", "load_checkpoint", "copy_atomic", "rng_state", "set_rng_state"]
-
-
-def atomic_write(path: str | Path, write) -> Path:
-    """Call ``write(tmp_path)`` and move the result onto ``path`` in one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def save_checkpoint(state: dict, path: str | Path) -> Path:
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def copy_atomic(src: str | Path, dst: str | Path) -> Path:
-    return atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def rng_state() -> dict:

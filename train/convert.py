@@ -20,7 +20,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from spikeformers.train.checkpoint import atomic_write, load_checkpoint
+from spikeformers.models.factory import build_model
+from spikeformers.models.serialization import atomic_write, load_checkpoint
+from spikeformers.train.cli import USER_ERRORS, compose_config, exit_with_error
 
 __all__ = ["convert", "calibration_batches", "evaluate_conversion", "main"]
 
@@ -112,10 +114,7 @@ def _data_config(name: str | None, checkpoint_data):
         if checkpoint_data is None:
             raise ValueError("give --data when converting a model that does not come from a spikeformers-train checkpoint")
         return checkpoint_data
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module("spikeformers.configs", version_base="1.3"):
-        return compose("train", overrides=[f"data={name}"]).data
+    return compose_config("train", [f"data={name}"]).data
 
 
 def _load_ann(args) -> tuple[nn.Module, str, object, object]:
@@ -125,7 +124,6 @@ def _load_ann(args) -> tuple[nn.Module, str, object, object]:
 
     from spikeformers.train.data import build_datasets
     from spikeformers.train.evaluate import trained_configs
-    from spikeformers.train.main import build_model
 
     state = load_checkpoint(args.checkpoint) if args.checkpoint else None
     model_cfg, trained_data = trained_configs(state) if state is not None else (None, None)
@@ -232,12 +230,11 @@ def run(argv: list[str] | None = None) -> dict:
     return result
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     try:
-        run()
-    except (ValueError, FileNotFoundError) as error:
-        print(f"spikeformers-convert: error: {error}", file=sys.stderr)
-        return 2
+        run(argv)
+    except USER_ERRORS as error:
+        exit_with_error("spikeformers-convert", error)
     return 0
 
 

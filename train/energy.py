@@ -408,10 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     from omegaconf import open_dict
 
     import spikeformers  # noqa: F401
+    from spikeformers.models.factory import build_model
     from spikeformers.train.checkpoint import atomic_write, load_checkpoint
     from spikeformers.train.data import build_datasets
     from spikeformers.train.evaluate import to_model_input, trained_configs
-    from spikeformers.train.main import build_model
 
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="spikeformers.configs", version_base="1.3"):

@@ -1,28 +1,33 @@
 """Evaluation: top-1/top-5, loss and mean firing rate (``spikeformers-eval``).
 
-``spikeformers-eval checkpoint=PATH`` rebuilds the model and data set from the configuration
-stored in a training checkpoint; ``model.name=NAME model.pretrained=true`` evaluates registered
-pretrained weights instead. Any ``data.*`` override applies, and ``--json FILE`` (or ``json=FILE``)
-writes ``{"model", "checkpoint", "dataset", "top1", "top5", "loss", "firing_rate", "n_samples"}``.
+``spikeformers-eval checkpoint=PATH`` (or ``--checkpoint PATH``) rebuilds the model and data set
+from the configuration stored in a training checkpoint; ``model.name=NAME model.pretrained=true``
+evaluates registered pretrained weights instead. The other arguments are overrides of
+``configs/eval.yaml``; a ``data=``/``data.*`` override replaces the checkpoint's data set.
+``--json FILE`` (or ``json=FILE``) writes
+``{"model", "checkpoint", "dataset", "top1", "top5", "loss", "firing_rate", "n_samples"}``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
-import hydra
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Sampler
 
+from spikeformers.models.factory import build_model
 from spikeformers.models.neurons import LIF
-from spikeformers.train.checkpoint import atomic_write, load_checkpoint
+from spikeformers.models.serialization import atomic_write, load_checkpoint
+from spikeformers.train.cli import USER_ERRORS, compose_config, exit_with_error
 from spikeformers.train.data import DataInfo, build_datasets
 
-__all__ = ["evaluate", "ShardSampler", "to_model_input", "trained_configs", "main"]
+__all__ = ["evaluate", "ShardSampler", "to_model_input", "trained_configs", "run_eval", "main"]
 
 
 class ShardSampler(Sampler):
@@ -129,17 +134,14 @@ def trained_configs(state: dict) -> tuple[DictConfig, DictConfig]:
     return trained.model, trained.data
 
 
-def run_eval(cfg: DictConfig) -> dict:
-    """Evaluate the configured checkpoint or pretrained model; print a table; write JSON."""
-    from spikeformers.train.main import build_model
-
+def run_eval(cfg: DictConfig, data_from_cli: bool = False) -> dict:
+    """Evaluate the configured checkpoint or pretrained model; print a table; write JSON.
+    ``data_from_cli``: ``cfg.data`` was chosen on the command line and replaces the checkpoint's."""
     data_cfg, model_cfg, state = cfg.data, cfg.model, None
     if cfg.checkpoint:
         state = load_checkpoint(cfg.checkpoint)
         model_cfg, trained_data = trained_configs(state)
-        # data comes from the checkpoint unless the user chose another data set on the command line
-        if not cfg.data_from_cli:
-            data_cfg = trained_data
+        data_cfg = cfg.data if data_from_cli else trained_data
     train_set, test_set, info = build_datasets(data_cfg, augment=False)  # train split: ECMT calibration only
     if state is not None and state["num_classes"] != info.num_classes:
         raise ValueError(f"checkpoint {cfg.checkpoint} has {state['num_classes']} classes but data={info.name} has {info.num_classes}")
@@ -154,12 +156,7 @@ def run_eval(cfg: DictConfig) -> dict:
         calibration = calibration_batches(train_set, cfg.batch_size, 4) if cfg.convert == "ecmt" else None
         model = convert(cfg.convert, model.cpu(), calibration, T=cfg.convert_T).to(device)
     loader = DataLoader(test_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
-    stats = evaluate(model, loader, info, device)
-    result = {"model": model_cfg.name + (f" ({cfg.convert} SNN, T={cfg.convert_T})" if cfg.get("convert") else ""), "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else None, "dataset": info.name,
-              "top1": stats["top1"], "top5": stats["top5"], "loss": stats["loss"],
-              "firing_rate": stats["firing_rate"], "n_samples": stats["n_samples"]}
-    if stats["tokens_per_image"] is not None:
-        result |= {"tokens_per_image": stats["tokens_per_image"], "tokens_baseline": stats["tokens_baseline"]}
+    result = _result(cfg, model_cfg.name, info.name, evaluate(model, loader, info, device))
     width = max(len(k) for k in result)
     print("\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in result.items()))
     if cfg.json:
@@ -167,27 +164,37 @@ def run_eval(cfg: DictConfig) -> dict:
     return result
 
 
-@hydra.main(config_path="pkg://spikeformers.configs", config_name="eval", version_base="1.3")
-def hydra_main(cfg: DictConfig) -> None:
-    run_eval(cfg)
+def _result(cfg: DictConfig, model_name: str, dataset: str, stats: dict) -> dict:
+    """The printed and JSON fields (token counts only for adaptive-token models)."""
+    converted = f" ({cfg.convert} SNN, T={cfg.convert_T})" if cfg.get("convert") else ""
+    result = {"model": model_name + converted, "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else None,
+              "dataset": dataset, "top1": stats["top1"], "top5": stats["top5"], "loss": stats["loss"],
+              "firing_rate": stats["firing_rate"], "n_samples": stats["n_samples"]}
+    if stats["tokens_per_image"] is not None:
+        result |= {"tokens_per_image": stats["tokens_per_image"], "tokens_baseline": stats["tokens_baseline"]}
+    return result
 
 
-def main() -> None:
-    """Console script ``spikeformers-eval``: also accepts ``--json FILE`` and ``--checkpoint FILE``."""
-    args, out = sys.argv[1:], []
-    while args:
-        arg = args.pop(0)
-        if arg in ("--json", "--checkpoint") and args:
-            out.append(f"{arg[2:]}={args.pop(0)}")
-        elif arg.startswith(("--json=", "--checkpoint=")):
-            out.append(arg[2:])
-        else:
-            out.append(arg)
-    # Was a data set chosen on the command line? Then it overrides the checkpoint's.
-    data_from_cli = any(a.startswith(("data=", "data.")) for a in out)
-    sys.argv = [sys.argv[0], *out] + (["data_from_cli=true"] if data_from_cli else [])
-    hydra_main()
+def main(argv: list[str] | None = None) -> int:
+    """Console script ``spikeformers-eval``: Hydra-style overrides of ``configs/eval.yaml``, plus
+    ``--checkpoint FILE`` and ``--json FILE`` for ``checkpoint=FILE`` and ``json=FILE``."""
+    parser = argparse.ArgumentParser(prog="spikeformers-eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="overrides of configs/eval.yaml, e.g. checkpoint=best.pt data=cifar10 data.root=/data")
+    parser.add_argument("--checkpoint", help="same as checkpoint=FILE")
+    parser.add_argument("--json", help="same as json=FILE")
+    args = parser.parse_intermixed_args(argv)
+    # A data set chosen on the command line replaces the checkpoint's.
+    data_from_cli = any(o.startswith(("data=", "data.")) for o in args.overrides)
+    try:
+        cfg = compose_config("eval", args.overrides)
+        # file names as given, not parsed by the override grammar
+        cfg.checkpoint, cfg.json = args.checkpoint or cfg.checkpoint, args.json or cfg.json
+        run_eval(cfg, data_from_cli=data_from_cli)
+    except (*USER_ERRORS, ConfigCompositionException) as err:
+        exit_with_error(parser.prog, err)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

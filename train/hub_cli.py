@@ -22,6 +22,8 @@ import torch
 
 from spikeformers.models import hub
 from spikeformers.models.layers import family_filter, state_dims
+from spikeformers.models.serialization import atomic_write
+from spikeformers.train.cli import USER_ERRORS, exit_with_error
 
 __all__ = ["main", "convert"]
 
@@ -44,8 +46,6 @@ def convert(src: str | Path, model_name: str, out_dir: str | Path = ".", name: s
     """Official checkpoint -> ``<out>/<name>.safetensors`` + ``<name>.json``; returns the card."""
     import timm
     from safetensors.torch import save_file
-
-    from spikeformers.train.checkpoint import atomic_write
 
     src = Path(src)
     if not src.is_file():
@@ -79,7 +79,7 @@ def convert(src: str | Path, model_name: str, out_dir: str | Path = ".", name: s
     return card
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spikeformers-hub", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_list = sub.add_parser("list", help="registered pretrained weights")
@@ -98,35 +98,53 @@ def main(argv: list[str] | None = None) -> int:
     p_conv.add_argument("--out", default=".", help="output folder")
     p_conv.add_argument("--register", action="store_true", help="cache the result and record its sha256 for pretrained=True")
     p_conv.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of a file you trust")
-    args = parser.parse_args(argv)
+    return parser
 
-    import spikeformers  # noqa: F401  (registers the models)
 
-    try:
-        if args.command == "list":
-            if args.json:
-                print(hub.registry_json())
-            else:
-                for w in hub.REGISTRY.values():
-                    top1 = f"{w.top1:.2f}%" if w.top1 is not None else "-"
-                    print(f"{w.name:<36} {w.dataset[:24]:<24} T={w.T:<3} top1={top1:<8} sha256={(w.sha256 or 'unregistered')[:12]}")
-        elif args.command == "download":
-            print(hub.fetch(args.name, progress=True))
-        elif args.command == "verify":
-            expected = (args.sha256 or hub.resolve(args.name).sha256 or hub._local_registry().get(args.name, "")).lower()
-            if not expected:
-                raise ValueError(f"{args.name} has no registered sha256 to verify against")
-            actual = hub.sha256_of(args.file)
-            if actual != expected:
-                print(f"MISMATCH {args.file}: expected {expected}, got {actual}", file=sys.stderr)
-                return 1
-            print(f"OK {args.file} {actual}")
-        elif args.command == "convert":
-            card = convert(args.file, args.model, args.out, args.name, args.register, args.trust_pickle)
-            print(json.dumps(card, indent=2))
-    except (KeyError, ValueError, FileNotFoundError, hub.HashMismatchError, ConnectionError) as err:
-        parser.exit(2, f"spikeformers-hub: error: {err}\n")
+def _list(args: argparse.Namespace) -> int:
+    if args.json:
+        print(hub.registry_json())
+        return 0
+    for w in hub.REGISTRY.values():
+        top1 = f"{w.top1:.2f}%" if w.top1 is not None else "-"
+        print(f"{w.name:<36} {w.dataset[:24]:<24} T={w.T:<3} top1={top1:<8} sha256={(w.sha256 or 'unregistered')[:12]}")
     return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    print(hub.fetch(args.name, progress=True))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """Exit status 1 on a mismatch (a finding, not a usage error)."""
+    expected = (args.sha256 or hub.resolve(args.name).sha256 or hub._local_registry().get(args.name, "")).lower()
+    if not expected:
+        raise ValueError(f"{args.name} has no registered sha256 to verify against")
+    actual = hub.sha256_of(args.file)
+    if actual != expected:
+        print(f"MISMATCH {args.file}: expected {expected}, got {actual}", file=sys.stderr)
+        return 1
+    print(f"OK {args.file} {actual}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    card = convert(args.file, args.model, args.out, args.name, args.register, args.trust_pickle)
+    print(json.dumps(card, indent=2))
+    return 0
+
+
+_COMMANDS = {"list": _list, "download": _download, "verify": _verify, "convert": _convert}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (*USER_ERRORS, KeyError, hub.HashMismatchError, ConnectionError) as err:
+        exit_with_error(parser.prog, err)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import spikeformers  # noqa: F401  (registers the models)
+from spikeformers.models.factory import build_model
 from spikeformers.models.memory import packed_spikes
 from spikeformers.train.checkpoint import atomic_write, copy_atomic, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from spikeformers.train.data import DataInfo, EpochSeeded, build_datasets, sample_seed
@@ -104,46 +105,6 @@ class EpochSampler(Sampler):
 
 
 # --- model and loss ----------------------------------------------------------------------------
-
-
-def build_model(model_cfg: DictConfig, info: DataInfo) -> torch.nn.Module:
-    """Create the timm model for the data set, failing early on incompatible combinations."""
-    name = model_cfg.name
-    if not timm.is_model(name):
-        raise ValueError(f"unknown model {name!r}; registered: {', '.join(timm.list_models(['s*former*', 'sdt*', 'qkformer*', 'qcfs*', 'atsnn*']))}")
-    default_chans = timm.get_pretrained_cfg(name).input_size[0]
-    if (default_chans == 2) != info.sequence:
-        kind = "event-frame (DVS) sequences" if default_chans == 2 else "static images"
-        raise ValueError(f"model {name} is built for {kind}, but data={info.name} provides "
-                         f"{'event-frame sequences' if info.sequence else 'static images'}")
-    kwargs = dict(OmegaConf.to_container(model_cfg.args, resolve=True)) if model_cfg.args else {}
-    kwargs.update(num_classes=info.num_classes, in_chans=info.in_chans)
-    # Spiking models take T and the neuron backend; ANNs (QCFS, ViTs for ECMT) set both to null.
-    kwargs.update({k: model_cfg.get(k) for k in ("T", "backend") if model_cfg.get(k) is not None})
-    pretrained = bool(model_cfg.pretrained)
-    if model_cfg.get("checkpoint"):
-        # Initialise from a file (our checkpoint, safetensors, converted official weights). timm then
-        # adapts the first conv to in_chans and re-initialises the head if num_classes differs.
-        kwargs["pretrained_cfg_overlay"] = _file_overlay(model_cfg.checkpoint, name)
-        pretrained = True
-    model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    size_multiple = getattr(model, "size_multiple", 1)
-    if info.img_size % size_multiple:
-        raise ValueError(f"model {name} needs image sizes that are multiples of {size_multiple}, "
-                         f"data={info.name} gives {info.img_size}")
-    return model
-
-
-def _file_overlay(path: str, model_name: str) -> dict:
-    """timm ``pretrained_cfg_overlay`` for a local weights file, with its own class/channel count
-    (so a head that already fits the data is kept rather than re-initialised)."""
-    from spikeformers.models.hub import load_weights
-    from spikeformers.models.layers import family_filter, state_dims
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"model.checkpoint not found: {path}")
-    num_classes, chans = state_dims(family_filter(model_name)(load_weights(path)), f"model.checkpoint {path}", model_name)
-    return dict(file=str(path), url="", num_classes=num_classes, input_size=(chans, 32, 32))
 
 
 def tet_loss(per_step_logits: torch.Tensor, target: torch.Tensor, lam: float, phi: float, criterion) -> torch.Tensor:
