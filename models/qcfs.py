@@ -19,6 +19,7 @@ import copy
 
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import FeatureGetterNet, feature_take_indices
 from torch import nn
 
 __all__ = ["QCFS", "IFNeuron", "ConvertedSNN", "replace_activations", "to_snn", "VGG", "CifarResNet"]
@@ -276,29 +277,74 @@ VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "
 VGG_TINY_LAYERS = (32, "M", 64, "M", 128, 128, "M")  # CPU-sized, for the digits preset
 
 
+def _classifier(num_features: int, num_classes: int) -> nn.Module:
+    return nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+def _take_intermediates(model: nn.Module, x: torch.Tensor, indices, stop_early: bool, output_fmt: str,
+                        intermediates_only: bool):
+    """timm's ``forward_intermediates`` for a CNN whose ``feature_stages()`` lists, in forward order,
+    (module, level index or None): the maps [B, C, H, W] after the levels ``indices`` selects."""
+    if output_fmt != "NCHW":
+        raise ValueError(f"{type(model).__name__} intermediates support output_fmt='NCHW' only, got {output_fmt!r}")
+    take, max_index = feature_take_indices(len(model.feature_info), indices)
+    intermediates = []
+    for module, level in model.feature_stages():
+        x = module(x)
+        if level in take:
+            intermediates.append(x)
+        if stop_early and level == max_index:
+            break
+    return intermediates if intermediates_only else (x, intermediates)
+
+
 class VGG(nn.Module):
     """VGG-16 for 32×32 inputs: conv3×3 → BN → act per layer, pooling after each group; FC1/FC2
-    (4096) with activations and dropout, no activation after the last FC (§1.2)."""
+    (4096) with activations and dropout, no activation after the last FC (§1.2).
+    Feature levels: the output of every pooling layer."""
 
     def __init__(self, layers=VGG16_LAYERS, num_classes: int = 10, in_chans: int = 3, img_size: int = 32,
-                 hidden: int = 4096, dropout: float = 0.5, **kwargs) -> None:
+                 hidden: int = 4096, dropout: float = 0.5, global_pool: str = "", **kwargs) -> None:
         super().__init__()
-        features, channels, size = [], in_chans, img_size
+        features, channels, size, self.feature_info = [], in_chans, img_size, []
         for spec in layers:
             if spec == "M":
                 features.append(nn.MaxPool2d(2, 2))
                 size //= 2
+                self.feature_info.append(dict(num_chs=channels, reduction=img_size // size, module=f"features.{len(features) - 1}"))
             else:
                 features += [nn.Conv2d(channels, spec, 3, padding=1), nn.BatchNorm2d(spec), nn.ReLU(inplace=True)]
                 channels = spec
         self.features = nn.Sequential(*features)
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(channels * size * size, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
-        self.num_classes = num_classes
+            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), _classifier(hidden, num_classes))
+        self.num_classes, self.num_features = num_classes, hidden  # pre-logits = the second FC's output
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.classifier[:-1](x)
+        return x if pre_logits else self.classifier[-1](x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        return self.forward_head(self.forward_features(x))
+
+    def feature_stages(self):
+        pools = {int(f["module"].split(".")[1]): i for i, f in enumerate(self.feature_info)}
+        return [(m, pools.get(i)) for i, m in enumerate(self.features)]
+
+    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW",
+                              intermediates_only=False):
+        return _take_intermediates(self, x, indices, stop_early, output_fmt, intermediates_only)
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier[-1]
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.classifier[-1] = _classifier(self.num_features, num_classes)
 
 
 class BasicBlock(nn.Module):
@@ -323,23 +369,48 @@ class BasicBlock(nn.Module):
 
 class CifarResNet(nn.Module):
     """ResNet with a 3×3 stride-1 stem and no max-pool (32×32 inputs): ResNet-18 = widths
-    64..512, blocks 2-2-2-2; ResNet-20 = widths 16/32/64, blocks 3-3-3."""
+    64..512, blocks 2-2-2-2; ResNet-20 = widths 16/32/64, blocks 3-3-3.
+    Feature levels: the stem and every stage."""
 
-    def __init__(self, blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), num_classes: int = 10, in_chans: int = 3, **kwargs) -> None:
+    def __init__(self, blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), num_classes: int = 10, in_chans: int = 3,
+                 global_pool: str = "avg", **kwargs) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
         stages, channels = [], widths[0]
+        self.feature_info = [dict(num_chs=channels, reduction=1, module="stem")]
         for i, (n, width) in enumerate(zip(blocks, widths)):
             stage = [BasicBlock(channels if j == 0 else width, width, 2 if (i > 0 and j == 0) else 1) for j in range(n)]
             stages.append(nn.Sequential(*stage))
             channels = width
+            self.feature_info.append(dict(num_chs=width, reduction=2 ** i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fc = nn.Linear(channels, num_classes)
-        self.num_classes = num_classes
+        self.fc = _classifier(channels, num_classes)
+        self.num_classes, self.num_features = num_classes, channels
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.pool(x)
+        return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.stages(self.stem(x))))
+        return self.forward_head(self.forward_features(x))
+
+    def feature_stages(self):
+        return [(self.stem, 0)] + [(stage, i + 1) for i, stage in enumerate(self.stages)]
+
+    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW",
+                              intermediates_only=False):
+        return _take_intermediates(self, x, indices, stop_early, output_fmt, intermediates_only)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.fc = _classifier(self.num_features, num_classes)
 
 
 def _cfg(**kwargs) -> dict:
@@ -361,8 +432,15 @@ def _create(cls, name: str, pretrained: bool, levels: int, gradient: str, thresh
     decay over ~10⁵ steps, so short runs should start near the activations' range)."""
     if pretrained:
         raise FileNotFoundError(f"{name} has no pretrained weights; train it with spikeformers-train model={name}")
+    features_only, out_indices = kwargs.pop("features_only", False), kwargs.pop("out_indices", None)
+    kwargs.pop("feature_cls", None)
     model = build_model_with_cfg(cls, name, pretrained=False, **kwargs)
-    return replace_activations(model, levels=levels, threshold=threshold, gradient=gradient)
+    model = replace_activations(model, levels=levels, threshold=threshold, gradient=gradient)
+    if not features_only:
+        return model
+    features = FeatureGetterNet(model, out_indices=len(model.feature_info) if out_indices is None else out_indices)
+    features.pretrained_cfg = model.pretrained_cfg
+    return features
 
 
 @register_model

@@ -87,6 +87,9 @@ class QKTokenAttention(nn.Module):
     [T, B, h, 1, N] applied to k; then ``proj_conv`` (Conv1d k1, bias) → ``proj_bn`` → ``proj_lif``.
     """
 
+    # Declared for analysis tools (energy, SOPs): which attention product this module computes.
+    attention_product = "qk_token"  # token mask from Σ_d Q, then mask ⊙ K: O(N·D)
+
     def __init__(self, dim: int, num_heads: int, lif=LIF) -> None:
         super().__init__()
         if dim % num_heads:
@@ -120,6 +123,9 @@ class SpikingSelfAttention(nn.Module):
     inputs (a non-square one fails in the residual sum); we unflatten to (…, H, W), the same
     tensor for square inputs.
     """
+
+    # Declared for analysis tools (energy, SOPs): which attention product this module computes.
+    attention_product = "ssa_q_kv"  # always Q (Kᵀ V)
 
     def __init__(self, dim: int, num_heads: int, lif=LIF, legacy_tb_lif: bool = False) -> None:
         super().__init__()

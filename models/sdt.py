@@ -50,6 +50,9 @@ class SpikeDrivenSelfAttention(nn.Module):
     k and v, to k⊙v and to q⊙kv, as in the official CIFAR10-DVS model (§3.3).
     """
 
+    # Declared for analysis tools (energy, SOPs): which attention product this module computes.
+    attention_product = "sdsa"  # Q ⊙ SN(Σ_N K ⊙ V): mask-and-add, O(N·D)
+
     def __init__(self, dim: int, num_heads: int = 8, dvs_mode: bool = False, lif=LIF) -> None:
         super().__init__()
         if dim % num_heads:

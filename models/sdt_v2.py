@@ -112,6 +112,12 @@ class RepConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
+    def merged_conv(self) -> tuple[str, tuple[int, int, int], list[str]]:
+        """For analysis tools: this linear chain counts as one 3×3 conv on its spike input —
+        (where it is recorded, (kernel, C_in, C_out), the convs inside not counted on their own)."""
+        first, (dw, pw, _) = self.body[0], self.body[2]
+        return "", (dw.kernel_size[0], first.in_channels, pw.out_channels), ["body.0", "body.2.0", "body.2.1"]
+
     @torch.no_grad()
     def fused(self, outer_bn: nn.BatchNorm2d | None = None) -> nn.Conv2d:
         """One Conv2d(3×3, padding 1, bias) equal in eval mode to this RepConv (then ``outer_bn``).
@@ -165,6 +171,12 @@ class SepConv(nn.Module):
         x = seq(self.lif1(x), self.pwconv1, self.bn1)
         return seq(self.lif2(x), self.dwconv, self.pwconv2, self.bn2)
 
+    def merged_conv(self) -> tuple[str, tuple[int, int, int], list[str]]:
+        """For analysis tools: depthwise k×k → 1×1 counts as one k×k conv on the depthwise conv's
+        spike input (see :meth:`RepConv.merged_conv`)."""
+        dw = self.dwconv
+        return "dwconv", (dw.kernel_size[0], dw.in_channels, self.pwconv2.out_channels), ["pwconv2"]
+
 
 @fx_leaf
 class MSConvBlock(nn.Module):
@@ -215,6 +227,9 @@ class MSAttention(nn.Module):
     S = SN(x); Q, K, V = SN(BN(RepConv(S))); A = SN₀.₅((Q (Kᵀ V)) · 0.125) per head (channel
     c = head·d + j); out = BN(RepConv(A)), no LIF. Returns the branch only (the block adds x).
     """
+
+    # Declared for analysis tools (energy, SOPs): which attention product this module computes.
+    attention_product = "ssa_q_kv"  # always Q (Kᵀ V)
 
     def __init__(self, dim: int, num_heads: int = 8, lif=LIF) -> None:
         super().__init__()

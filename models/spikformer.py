@@ -41,6 +41,9 @@ _KINDS = ("cifar", "imagenet", "dvs")
 class SSALinear(nn.Module):
     """SSA of the CIFAR model: Linear q/k/v/proj with bias, tokens in [T, B, N, C] layout."""
 
+    # Declared for analysis tools (energy, SOPs): which attention product this module computes.
+    attention_product, tokens_last = "ssa", True
+
     def __init__(self, dim: int, num_heads: int, lif=LIF) -> None:
         super().__init__()
         if dim % num_heads:
@@ -73,6 +76,9 @@ class SSALinear(nn.Module):
 
 class SSAConv(nn.Module):
     """SSA of the ImageNet/DVS models: Conv1d k1 q/k/v (no bias), proj with bias; [T, B, C, *S]."""
+
+    # Declared for analysis tools (energy, SOPs): which attention product this module computes.
+    attention_product = "ssa"  # in the order of ``self.order``
 
     def __init__(self, dim: int, num_heads: int, scale: float, order: str, lif=LIF) -> None:
         super().__init__()

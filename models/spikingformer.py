@@ -65,6 +65,9 @@ class SpikingSelfAttention(nn.Module):
     so gradients match the official ones bit for bit.
     """
 
+    # Declared for analysis tools (energy, SOPs): which attention product this module computes.
+    attention_product = "ssa"  # in the order of ``self.order``
+
     def __init__(self, dim: int, num_heads: int, order: str = "qk_v_scale", lif=LIF,
                  contiguous_heads: bool = False) -> None:
         super().__init__()

@@ -158,17 +158,19 @@ class _Recorder:
         self.hooks = [model.register_forward_pre_hook(self._model_input)]
         merged = _merged_chains(model)
         skipped = {part for chain in merged.values() for part in chain[1]}
-        kinds = _attention_kinds()
         for name, m in model.named_modules():
             if name in merged:
                 self.hooks.append(m.register_forward_hook(self._layer(f"{name} (merged)", merged[name][0])))
             elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and name not in skipped:
                 self.hooks.append(m.register_forward_hook(self._layer(name)))
-            elif type(m) in kinds:
-                parts = ("q_lif", "k_lif", "attn_lif") if kinds[type(m)] == "qk_token" else ("q_lif", "k_lif", "v_lif")
+            elif getattr(m, "attention_product", None):
+                # Declared by the model: "ssa" (Q·Kᵀ·V in the module's ``order``), "ssa_q_kv"
+                # (always Q·(Kᵀ·V)), "sdsa" (mask-and-add) or "qk_token"; counted from q/k/v spikes.
+                kind = m.attention_product
+                parts = ("q_lif", "k_lif", "attn_lif") if kind == "qk_token" else ("q_lif", "k_lif", "v_lif")
                 for part in parts:
                     self.hooks.append(getattr(m, part).register_forward_hook(self._spike(f"{name}.{part}")))
-                self.hooks.append(m.register_forward_hook(self._attention(name, kinds[type(m)])))
+                self.hooks.append(m.register_forward_hook(self._attention(name, kind)))
 
     def _model_input(self, model, args):
         x = args[0]
@@ -217,7 +219,7 @@ class _Recorder:
             else:
                 q, k, v = (self.spikes.pop(f"{name}.{p}") for p in ("q_lif", "k_lif", "v_lif"))
             T, B = q.shape[:2]
-            if q.dim() == 4 and type(module).__name__ == "SSALinear":  # [T, B, N, C]
+            if q.dim() == 4 and getattr(module, "tokens_last", False):  # [T, B, N, C]
                 N, D = q.shape[2], q.shape[3]
             else:  # [T, B, C, N] or [T, B, C, H, W]
                 D, N = q.shape[2], q[0, 0, 0].numel()
@@ -246,31 +248,16 @@ class _Recorder:
             h.remove()
 
 
-def _attention_kinds() -> dict[type, str]:
-    """Attention modules whose products are counted from their q/k/v spikes: "ssa" (Q·Kᵀ·V, order
-    from the module's ``order``), "ssa_q_kv" (always Q·(Kᵀ·V)), "sdsa" (mask-and-add), "qk_token"."""
-    from spikeformers.models import qkformer, sdt, sdt_v2, spikformer, spikingformer
-
-    return {spikformer.SSALinear: "ssa", spikformer.SSAConv: "ssa", spikingformer.SpikingSelfAttention: "ssa",
-            sdt.SpikeDrivenSelfAttention: "sdsa", sdt_v2.MSAttention: "ssa_q_kv",
-            qkformer.SpikingSelfAttention: "ssa_q_kv", qkformer.QKTokenAttention: "qk_token"}
-
-
 def _merged_chains(model: nn.Module) -> dict[str, tuple[tuple[int, int, int], list[str]]]:
-    """{module whose forward is recorded as one conv: ((kernel, C_in, C_out), [convs not recorded])}.
-    SDT v2's RepConv (1×1 → BN-and-pad → depthwise 3×3 → 1×1) is one 3×3 conv on its spike input;
-    a SepConv's depthwise 7×7 → 1×1 is one 7×7 conv on the depthwise conv's spike input."""
-    from spikeformers.models import sdt_v2
-
+    """{module whose forward is recorded as one conv: ((kernel, C_in, C_out), [convs not recorded])},
+    from every module that declares a ``merged_conv()`` view (e.g. SDT v2's RepConv and SepConv:
+    a linear conv chain counted as the one k×k conv it re-parameterises into)."""
     chains = {}
     for name, m in model.named_modules():
-        if isinstance(m, sdt_v2.RepConv):
-            first, (dw, pw, _) = m.body[0], m.body[2]
-            chains[name] = ((dw.kernel_size[0], first.in_channels, pw.out_channels),
-                            [f"{name}.body.0", f"{name}.body.2.0", f"{name}.body.2.1"])
-        elif isinstance(m, sdt_v2.SepConv):
-            chains[f"{name}.dwconv"] = ((m.dwconv.kernel_size[0], m.dwconv.in_channels, m.pwconv2.out_channels),
-                                        [f"{name}.pwconv2"])
+        if callable(getattr(m, "merged_conv", None)):
+            at, shape, inner = m.merged_conv()
+            prefix = f"{name}." if name else ""
+            chains[(prefix + at).rstrip(".")] = (shape, [prefix + part for part in inner])
     return chains
 
 
