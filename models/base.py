@@ -86,6 +86,9 @@ class SpikingClassifier(nn.Module):
     head_neuron: str | None = None  # attribute name of the neuron between token pooling and the head
     classifiers: tuple[str, ...] = ("head",)  # every Linear head; reset_classifier rebuilds them all
     tokens_last = False  # stream layout [T, B, N, D] instead of [T, B, D, *spatial]
+    # Official parameters that the official forward never uses (kept for strict checkpoint
+    # loading); they get no gradient, so DDP needs find_unused_parameters=True when this is set.
+    unused_parameters: str | None = None  # a regex over parameter names
     stem_regex = r"^patch_embed"
     grad_checkpointing = False
 

@@ -325,7 +325,8 @@ class VGG(nn.Module):
         return self.features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.classifier[:-1](x)
+        for i in range(len(self.classifier) - 1):  # indexing, not slicing: FX needs the submodules themselves
+            x = self.classifier[i](x)
         return x if pre_logits else self.classifier[-1](x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

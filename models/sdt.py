@@ -171,6 +171,7 @@ class SpikeDrivenTransformer(SpikingClassifier):
     Head (§3.4): mean over tokens → head LIF → Linear per step → mean over T after the Linear."""
 
     readout, head_neuron = "head_then_mean", "head_lif"
+    unused_parameters = r"^block\.\d+\.attn\.talking_heads\."  # built, never called (§3.3)
 
     def __init__(
         self,

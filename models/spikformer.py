@@ -200,6 +200,8 @@ class Spikformer(SpikingClassifier):
     sequences [T, B, C, H, W]. Output: logits [B, K] averaged over time, or per-step [T, B, K]
     with ``per_step_logits=True`` (TET loss)."""
 
+    unused_parameters = r"^(block\.\d+\.norm[12]\.|norm\.|pos_embed$)"  # built, never applied (§2.3, §2.6)
+
     def __init__(
         self,
         kind: str = "cifar",

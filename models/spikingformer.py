@@ -188,6 +188,8 @@ class Spikingformer(SpikingClassifier):
     model builds DropPath but never applies it (§1.3).
     """
 
+    unused_parameters = r"^block\.\d+\.norm[12]\."  # built, never applied
+
     def __init__(
         self,
         kind: str = "imagenet",
