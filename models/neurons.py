@@ -20,7 +20,8 @@ same spikes bit for bit. Backends (``LIF(backend=...)``):
 - ``"auto"``: the best available one for the input's device (logged once).
 
 Neurons are stateless between calls: every forward starts from V = 0, because our models always
-pass the whole time sequence at once. Users cannot forget ``reset_net``.
+pass the whole time sequence at once. Users cannot forget ``reset_net``. Code that must drive
+time itself (AT-SNN's time-major pass) calls :meth:`LIF.step` with an explicit membrane instead.
 """
 
 from __future__ import annotations
@@ -172,6 +173,22 @@ class LIFFunction(torch.autograd.Function):
         return grad_x.reshape(ctx.x_shape).to(ctx.x_dtype), None, None, None, None, None
 
 
+class _FireSigmoid(torch.autograd.Function):
+    """S = fire(H) forward, the Sigmoid surrogate dS/dH backward: one step of the spike
+    nonlinearity for :meth:`LIF.step` (the multi-step path differentiates H in its own loop)."""
+
+    @staticmethod
+    def forward(ctx, h, v_threshold, alpha):
+        ctx.save_for_backward(h)
+        ctx.v_threshold, ctx.alpha = v_threshold, alpha
+        return fire(h, v_threshold).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_spike):
+        (h,) = ctx.saved_tensors
+        return grad_spike * sigmoid_surrogate_grad(h - ctx.v_threshold, ctx.alpha), None, None
+
+
 # --- backend selection ------------------------------------------------------------------------
 
 _announced: set[str] = set()
@@ -250,6 +267,24 @@ class LIF(nn.Module):
         return LIFFunction.apply(
             x_seq, self.tau, self.v_threshold, self.v_reset, self.detach_reset, self.alpha
         )
+
+    def step(self, x: torch.Tensor, v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One time step for callers that drive time themselves: input X[t] ``x`` [B, ...] and
+        membrane V[t-1] ``v`` (None: V = 0) -> (spikes S[t] in x's dtype, V[t] in at least fp32).
+
+        Built from the same charge/fire/reset functions and surrogate as the multi-step path, so
+        T calls reproduce :meth:`forward`'s spikes bit for bit on every backend. Gradients flow by
+        autograd: dS/dH is the surrogate and dV/dH = 1 - S, plus (v_reset - H) dS/dH when the
+        reset is not detached, as in the multi-step backward.
+        """
+        if v is None:
+            v = torch.zeros_like(x, dtype=torch.promote_types(x.dtype, torch.float32))
+        h = charge(x, v, self.tau, self.v_reset)
+        spike = _FireSigmoid.apply(h, self.v_threshold, self.alpha)
+        v_next = reset(h, fire(h, self.v_threshold), self.v_reset)  # dV/dH = 1 - S
+        if not self.detach_reset:  # + (v_reset - H) dS/dH; the added term is 0 in the forward
+            v_next = v_next + (spike - spike.detach()) * (self.v_reset - h)
+        return spike.to(x.dtype), v_next
 
     def _spikingjelly_forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         if self._sj_node is None:

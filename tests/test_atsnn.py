@@ -1,4 +1,5 @@
-"""AT-SNN (models/atsnn.py): the tests of shared/spec/at_snn.md §7 (numbered as there)."""
+"""AT-SNN (models/atsnn.py, token_halting.py, token_merging.py): the tests of the reconstruction's
+checklist (numbered as there, see docs/atsnn.md)."""
 
 import pytest
 import timm
@@ -7,8 +8,8 @@ import torch
 import spikeformers  # noqa: F401
 from spikeformers.models import atsnn
 from spikeformers.models.atsnn import (
-    Halting, bipartite_merge_map, distribution_prior_kl, distribution_target, group_any, halting_trace, lif_step,
-    merge_tokens, proportional_ssa, slot_sizes,
+    Halting, bipartite_merge_map, distribution_prior_kl, distribution_target, group_any, halting_trace, merge_tokens,
+    proportional_ssa, slot_sizes,
 )
 from spikeformers.models.neurons import LIF
 
@@ -43,6 +44,11 @@ def images(b=2, seed=1, double=True):
     return x.double() if double else x
 
 
+def scramble_halted(x, active):
+    """A ``halted_token_fill``: random features on the halted slots."""
+    return torch.where(active[..., None], x, torch.randn_like(x))
+
+
 # --- step-wise LIF -------------------------------------------------------------------------------
 
 
@@ -51,9 +57,23 @@ def test_lif_step_reproduces_multistep_lif_exactly():
     x = torch.randn(6, 3, 50) * 2
     v, out = None, []
     for t in range(6):
-        s, v = lif_step(lif, x[t], v)
+        s, v = lif.step(x[t], v)
         out.append(s)
     assert torch.equal(torch.stack(out), lif(x))
+
+
+@pytest.mark.parametrize("detach_reset", [True, False])
+def test_lif_step_gradients_match_the_multistep_backward(detach_reset):
+    lif = LIF(backend="torch", detach_reset=detach_reset, v_reset=0.0 if detach_reset else -0.2)
+    x = (torch.randn(6, 3, 50, dtype=torch.float64) * 2).requires_grad_()
+    grad_out = torch.randn(6, 3, 50, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(lif(x), x, grad_out)
+    v, out = None, []
+    for t in range(6):
+        s, v = lif.step(x[t], v)
+        out.append(s)
+    (grad,) = torch.autograd.grad(torch.stack(out), x, grad_out)
+    torch.testing.assert_close(grad, expected, atol=1e-12, rtol=1e-12)  # same BPTT, autograd's rounding
 
 
 # --- halting (§7 items 1, 2, 5, 6, 7) -------------------------------------------------------------
@@ -158,7 +178,7 @@ def test_8_halted_tokens_cannot_leak(opts):
     ref = model(x)
     tokens = model.token_stats["tokens"]
     assert (tokens < N * L * T).all() and tokens.unique().numel() > 1, "the test needs token-dependent halting"
-    model._scramble_inactive = True
+    model.halted_token_fill = scramble_halted
     torch.testing.assert_close(model(x), ref, atol=1e-12, rtol=0)
     assert torch.equal(model.token_stats["tokens"], tokens)
 
@@ -290,7 +310,7 @@ def test_training_bn_statistics_and_halted_tokens(bn_stats, leaks):
     x = images(4)
     ref = model(x)
     assert (model.token_stats["tokens"] < N * L * T).all()
-    model._scramble_inactive = True
+    model.halted_token_fill = scramble_halted
     out = model(x)
     assert (not torch.allclose(out, ref, atol=1e-9)) == leaks
 
@@ -358,7 +378,7 @@ def test_sdt_halted_tokens_cannot_leak_and_gather_equals_masking():
     ref = model(x)
     tokens = model.token_stats["tokens"]
     assert (tokens < N * L * T).all() and tokens.unique().numel() > 1, "the test needs token-dependent halting"
-    model._scramble_inactive = True
+    model.halted_token_fill = scramble_halted
     torch.testing.assert_close(model(x), ref, atol=1e-12, rtol=0)
     masked, _ = make_sdt(gather_at_batch1=False, **SDT_PARTIAL)
     gathered, _ = make_sdt(gather_at_batch1=True, **SDT_PARTIAL)
@@ -388,6 +408,25 @@ def test_sdt_rejects_unsupported_options(opts, message):
         timm.create_model("atsnn_sdt_tiny", atsnn=opts)
     with pytest.raises(ValueError, match="without dvs_mode"):
         timm.create_model("atsnn_sdt_tiny", dvs_mode=True, atsnn=dict(readout="time_mean"))
+
+
+def test_residual_update_masks_halted_slots_and_adds_only_the_gathered_rows():
+    from spikeformers.models.atsnn import _add_update
+
+    x = torch.randn(1, 5, 3, dtype=torch.float64)
+    active = torch.tensor([[True, False, True, True, False]])
+    update = torch.randn(1, 5, 3, dtype=torch.float64)  # nonzero on halted slots, as a BN shift makes it
+    masked = _add_update(x, update, active, None)
+    assert torch.equal(masked[active], (x + update)[active]) and torch.equal(masked[~active], x[~active])
+    rows = active[0].nonzero().squeeze(1)
+    gathered = _add_update(x, update[:, rows], active, rows)  # only the active rows were computed
+    assert torch.equal(gathered, masked)
+
+
+def test_cfgs_normalise_every_input_channel():
+    for name in ("atsnn_spikformer_tiny", "atsnn_spikformer_cifar_4_384", "atsnn_sdt_tiny"):
+        cfg = timm.get_pretrained_cfg(name)
+        assert len(cfg.mean) == len(cfg.std) == cfg.input_size[0], name
 
 
 def test_masked_bn_with_fewer_than_two_active_tokens_keeps_running_statistics():
