@@ -168,7 +168,7 @@ def _energy(method: str, ann: nn.Module, snn: nn.Module, x: torch.Tensor, steps:
     return energies
 
 
-def run(argv: list[str] | None = None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spikeformers-convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("method", choices=METHODS)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -195,7 +195,11 @@ def run(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", default=None, help="write the result as JSON to this file")
     parser.add_argument("--plot", default=None, help="write the accuracy-vs-T plot (PNG) to this file")
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _checked_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[int]:
+    """The sorted time steps of ``--T``; usage errors end the program as argparse errors."""
     try:
         steps = sorted({int(t) for t in args.T.split(",") if t.strip()})
     except ValueError:
@@ -204,7 +208,14 @@ def run(argv: list[str] | None = None) -> dict:
         parser.error(f"--T needs positive integers, got {args.T!r}")
     if args.method == "qcfs" and args.model and not args.checkpoint and not args.model.startswith("qcfs_"):
         parser.error("qcfs converts an ANN trained with QCFS activations: pass --checkpoint of a qcfs_* run or a qcfs_* --model")
+    return steps
 
+
+def run(argv: list[str] | None = None) -> dict:
+    """Parse ``argv``, convert, evaluate for every T, print the table; returns the result."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    steps = _checked_steps(parser, args)
     ann, model_name, calib_set, test_set = _load_ann(args)
     calibration = None
     if args.method == "ecmt":
