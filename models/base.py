@@ -36,7 +36,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from timm.layers import register_notrace_function, register_notrace_module
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import register_notrace_function, register_notrace_module, trunc_normal_
 from timm.models._features import FeatureGetterNet, feature_take_indices
 from timm.models._builder import pretrained_cfg_for_features
 from torch import nn
@@ -45,7 +46,10 @@ from spikeformers.models import hub
 from spikeformers.models.layers import checkpoint_block, checkpoint_filter_fn, time_sequence
 from spikeformers.models.neurons import LIF
 
-__all__ = ["SpikingClassifier", "build_spiking_model", "fx_leaf"]
+__all__ = [
+    "SpikingClassifier", "build_spiking_model", "fx_leaf", "spiking_cfg", "CIFAR_CFG", "dvs_cfg",
+    "init_linear_and_layernorm", "init_conv_and_bn",
+]
 
 # Neurons keep their state in Python loops over T and dispatch on backend and device: FX must see
 # them as single calls. The input check branches on the input's rank, so it is one call as well.
@@ -240,3 +244,51 @@ def build_spiking_model(model_cls: type[nn.Module], variant: str, pretrained: bo
     features = FeatureGetterNet(model, out_indices=len(model.feature_info) if out_indices is None else out_indices)
     features.pretrained_cfg = pretrained_cfg_for_features(cfg)
     return features
+
+
+# --- pretrained cfgs and initialisers the families share ----------------------------------------
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+# CIFAR-100 too: the official CIFAR-100 configs of every family copy the CIFAR-10 statistics.
+CIFAR_CFG = dict(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+
+
+def dvs_cfg(size: int, num_classes: int) -> dict:
+    """Event frames (2 polarities, size × size): no normalisation, no crop."""
+    return dict(num_classes=num_classes, input_size=(2, size, size), crop_pct=1.0, mean=(0.0, 0.0), std=(1.0, 1.0))
+
+
+def spiking_cfg(*layers: dict, **kwargs) -> dict:
+    """A timm pretrained cfg: the ImageNet defaults, then each dict of ``layers`` (family, data set,
+    weights) and ``kwargs`` in order, later values winning."""
+    cfg = dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=0.875,
+               interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+               first_conv="patch_embed.proj_conv", classifier="head")
+    for layer in layers:
+        cfg.update(layer)
+    cfg.update(kwargs)
+    return cfg
+
+
+def init_linear_and_layernorm(m: nn.Module) -> None:
+    """Linear trunc-normal(0.02) with zero bias, LayerNorm 1/0; convs and BN keep PyTorch's defaults
+    (the official init of Spikformer, Spikingformer, QKFormer and SDT v2)."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def init_conv_and_bn(m: nn.Module) -> None:
+    """Conv2d trunc-normal(0.02) with zero bias, BatchNorm2d 1/0; Linear and Conv1d keep PyTorch's
+    defaults (the official init of the Spike-driven Transformer v1)."""
+    if isinstance(m, nn.Conv2d):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

@@ -42,12 +42,13 @@ import logging
 from functools import partial
 
 import torch
-from timm.layers import trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from spikeformers.models import hub, layers
-from spikeformers.models.base import SpikingClassifier, build_spiking_model, fx_leaf
+from spikeformers.models import layers
+from spikeformers.models.base import (
+    CIFAR_CFG, SpikingClassifier, build_spiking_model, dvs_cfg, fx_leaf, init_linear_and_layernorm, spiking_cfg,
+)
 from spikeformers.models.layers import seq, split_heads
 from spikeformers.models.neurons import LIF
 
@@ -392,13 +393,7 @@ class QKFormer(SpikingClassifier):
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # §3.3: Linear (only the head) trunc-normal(0.02)/0; convs and BN keep PyTorch defaults.
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+    _init_weights = staticmethod(init_linear_and_layernorm)  # §3.3: only the head is a Linear
 
     @property
     def legacy_tb_lif(self) -> bool:
@@ -453,31 +448,17 @@ _LEGACY_NOTE = ("official release (links removed from the README at HEAD); conve
                 "issue #14 reports {fixed}% with batch 1 or the per-sample fix")
 
 
-def _cfg(url: str = "", **kwargs) -> dict:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,  # official eval: Resize 256 → CenterCrop 224
-        "interpolation": "bicubic",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed1.proj_conv",
-        "classifier": "head",
-        "paper_ids": "arXiv:2403.16552",
-        **kwargs,
-    }
+def _cfg(**kwargs) -> dict:
+    # crop 0.875: the official eval resizes to 256 and center-crops 224
+    return spiking_cfg(dict(first_conv="patch_embed1.proj_conv", paper_ids="arXiv:2403.16552"), kwargs)
 
 
 def _cifar_cfg(num_classes: int = 10, **kwargs) -> dict:
-    # CIFAR-100 too: the official cifar100.yml uses the CIFAR-10 mean/std (§3.7).
-    defaults = dict(input_size=(3, 32, 32), crop_pct=1.0, mean=_CIFAR10_MEAN, std=_CIFAR10_STD)
-    return _cfg(num_classes=num_classes, **dict(defaults, **kwargs))
+    return _cfg(**dict(CIFAR_CFG, num_classes=num_classes, **kwargs))
 
 
 def _dvs_cfg(num_classes: int) -> dict:
-    return _cfg(num_classes=num_classes, input_size=(2, 128, 128), crop_pct=1.0, mean=(0.0, 0.0), std=(1.0, 1.0))
+    return _cfg(**dvs_cfg(128, num_classes))
 
 
 default_cfgs = generate_default_cfgs(

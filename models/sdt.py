@@ -16,12 +16,13 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from timm.layers import trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from spikeformers.models import hub
-from spikeformers.models.base import SpikingClassifier, build_spiking_model, fx_leaf
+from spikeformers.models.base import (
+    CIFAR_CFG, SpikingClassifier, build_spiking_model, dvs_cfg, fx_leaf, init_conv_and_bn, spiking_cfg,
+)
 from spikeformers.models.layers import checkpoint_block, checkpoint_filter_fn, seq
 from spikeformers.models.neurons import LIF
 from spikeformers.models.sdsa import sdsa
@@ -213,48 +214,23 @@ class SpikeDrivenTransformer(SpikingClassifier):
         self.feature_info = self.block_feature_info(embed_dim, self.size_multiple)
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # §3.5: Conv2d trunc-normal(0.02)/0, BN2d 1/0; head Linear and talking_heads keep defaults.
-        if isinstance(m, nn.Conv2d):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    _init_weights = staticmethod(init_conv_and_bn)  # §3.5: head Linear and talking_heads keep defaults
 
 
 def _create_sdt(model_name: str, pretrained: bool = False, **kwargs) -> SpikeDrivenTransformer:
     return build_spiking_model(SpikeDrivenTransformer, model_name, pretrained, checkpoint_filter_fn, **kwargs)
 
 
-def _cfg(url: str = "", **kwargs) -> dict:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.95,
-        "interpolation": "bicubic",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.proj_conv",
-        "classifier": "head",
-        "paper_ids": "arXiv:2307.01694",
-        **kwargs,
-    }
+def _cfg(**kwargs) -> dict:
+    return spiking_cfg(dict(crop_pct=0.95, paper_ids="arXiv:2307.01694"), kwargs)
 
 
 def _cifar_cfg(**kwargs) -> dict:
-    return _cfg(
-        num_classes=10, input_size=(3, 32, 32), crop_pct=1.0,
-        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), **kwargs,
-    )
+    return _cfg(**dict(CIFAR_CFG, **kwargs))
 
 
 def _dvs_cfg(size: int, num_classes: int) -> dict:
-    return _cfg(num_classes=num_classes, input_size=(2, size, size), crop_pct=1.0, mean=(0.0, 0.0), std=(1.0, 1.0))
+    return _cfg(**dvs_cfg(size, num_classes))
 
 
 default_cfgs = generate_default_cfgs(

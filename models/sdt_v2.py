@@ -33,13 +33,11 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from spikeformers.models import hub, layers
-from spikeformers.models.base import SpikingClassifier, build_spiking_model, fx_leaf
+from spikeformers.models.base import SpikingClassifier, build_spiking_model, fx_leaf, init_linear_and_layernorm, spiking_cfg
 from spikeformers.models.layers import seq
 from spikeformers.models.neurons import LIF
 
@@ -382,13 +380,7 @@ class SpikeDrivenTransformerV2(SpikingClassifier):
         ]
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # §2.5: trunc-normal(0.02)/0 for the Linear heads; convs and BNs keep PyTorch defaults.
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+    _init_weights = staticmethod(init_linear_and_layernorm)  # §2.5: only the heads are Linear
 
     # --- timm API ---
 
@@ -480,24 +472,15 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> SpikeDrivenTran
     return build_spiking_model(SpikeDrivenTransformerV2, variant, pretrained, checkpoint_filter_fn, **kwargs)
 
 
-def _cfg(url: str = "", **kwargs) -> dict:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,  # official eval: Resize 256 (bicubic) → CenterCrop 224
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "downsample1_1.encode_conv",
-        "classifier": "head",
-        "paper_ids": "arXiv:2404.03663",
-        "paper_name": "Spike-driven Transformer V2: Meta Spiking Neural Network Architecture Inspiring "
-                      "the Design of Next-generation Neuromorphic Chips (ICLR 2024)",
-        "origin_url": "https://github.com/BICLab/Spike-Driven-Transformer-V2",
-        **kwargs,
-    }
+def _cfg(**kwargs) -> dict:
+    # crop 0.875: the official eval resizes to 256 (bicubic) and center-crops 224
+    return spiking_cfg(dict(
+        first_conv="downsample1_1.encode_conv",
+        paper_ids="arXiv:2404.03663",
+        paper_name="Spike-driven Transformer V2: Meta Spiking Neural Network Architecture Inspiring "
+                   "the Design of Next-generation Neuromorphic Chips (ICLR 2024)",
+        origin_url="https://github.com/BICLab/Spike-Driven-Transformer-V2",
+    ), kwargs)
 
 
 default_cfgs = generate_default_cfgs(

@@ -29,7 +29,9 @@ from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from spikeformers.models import hub
-from spikeformers.models.base import SpikingClassifier, build_spiking_model, fx_leaf
+from spikeformers.models.base import (
+    CIFAR_CFG, SpikingClassifier, build_spiking_model, dvs_cfg, fx_leaf, init_linear_and_layernorm, spiking_cfg,
+)
 from spikeformers.models.layers import checkpoint_filter_fn, seq, split_heads, ssa_product
 from spikeformers.models.neurons import LIF
 
@@ -251,16 +253,7 @@ class Spikformer(SpikingClassifier):
         if kind == "dvs":
             trunc_normal_(self.pos_embed, std=0.02)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # §2.7: Linear trunc-normal(0.02)/0, LayerNorm 1/0; convs and BN keep PyTorch defaults.
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    _init_weights = staticmethod(init_linear_and_layernorm)  # §2.7
 
     # --- timm model API (the rest comes from SpikingClassifier) ---
     stem_regex = r"^pos_embed|^patch_embed"
@@ -285,28 +278,12 @@ def _create_spikformer(model_name: str, pretrained: bool = False, **kwargs) -> S
     return build_spiking_model(Spikformer, model_name, pretrained, checkpoint_filter_fn, **kwargs)
 
 
-_CIFAR10_MEAN, _CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-
-
-def _cfg(url: str = "", **kwargs) -> dict:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 1.0,
-        "interpolation": "bicubic",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.proj_conv",
-        "classifier": "head",
-        "paper_ids": "arXiv:2209.15425",
-        **kwargs,
-    }
+def _cfg(**kwargs) -> dict:
+    return spiking_cfg(dict(crop_pct=1.0, paper_ids="arXiv:2209.15425"), kwargs)
 
 
 def _cifar_cfg(**kwargs) -> dict:
-    return _cfg(num_classes=10, input_size=(3, 32, 32), mean=_CIFAR10_MEAN, std=_CIFAR10_STD, **kwargs)
+    return _cfg(**dict(CIFAR_CFG, **kwargs))
 
 
 default_cfgs = generate_default_cfgs(
@@ -319,9 +296,7 @@ default_cfgs = generate_default_cfgs(
         "spikformer_imagenet_8_512": _cfg(),
         "spikformer_imagenet_10_512": _cfg(),
         "spikformer_imagenet_8_768": _cfg(),
-        "spikformer_cifar10dvs_2_256": _cfg(
-            num_classes=10, input_size=(2, 128, 128), mean=(0.0, 0.0), std=(1.0, 1.0)
-        ),
+        "spikformer_cifar10dvs_2_256": _cfg(**dvs_cfg(128, 10)),
     }
 )
 

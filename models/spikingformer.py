@@ -36,13 +36,14 @@ import re
 from functools import partial
 
 import torch
-from timm.layers import trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from spikeformers.models import hub
 from spikeformers.models import layers
-from spikeformers.models.base import SpikingClassifier, build_spiking_model, fx_leaf
+from spikeformers.models.base import (
+    CIFAR_CFG, SpikingClassifier, build_spiking_model, dvs_cfg, fx_leaf, init_linear_and_layernorm, spiking_cfg,
+)
 from spikeformers.models.layers import seq, split_heads, ssa_product
 from spikeformers.models.neurons import LIF
 
@@ -234,16 +235,7 @@ class Spikingformer(SpikingClassifier):
         self.feature_info = self.block_feature_info(embed_dim, self.size_multiple)
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # §1.4: Linear trunc-normal(0.02)/0 (only the head), LayerNorm 1/0; convs/BN PyTorch defaults.
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    _init_weights = staticmethod(init_linear_and_layernorm)  # §1.4: only the head is a Linear
 
 
 # Alternative (Spikformer-style) naming seen in the official energy log (§1.5) -> committed naming.
@@ -281,34 +273,16 @@ def _create_spikingformer(model_name: str, pretrained: bool = False, **kwargs) -
     return build_spiking_model(Spikingformer, model_name, pretrained, checkpoint_filter_fn, **kwargs)
 
 
-_CIFAR10_MEAN, _CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-
-
-def _cfg(url: str = "", **kwargs) -> dict:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 1.0,
-        "interpolation": "bicubic",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.proj_conv",
-        "classifier": "head",
-        "paper_ids": "arXiv:2304.11954",
-        **kwargs,
-    }
+def _cfg(**kwargs) -> dict:
+    return spiking_cfg(dict(crop_pct=1.0, paper_ids="arXiv:2304.11954"), kwargs)
 
 
 def _cifar_cfg(num_classes: int = 10, **kwargs) -> dict:
-    # CIFAR-100 too: the official cifar100.yml copies the CIFAR-10 mean/std (§1.7).
-    defaults = dict(input_size=(3, 32, 32), mean=_CIFAR10_MEAN, std=_CIFAR10_STD, first_conv="patch_embed.block0_conv")
-    return _cfg(num_classes=num_classes, **dict(defaults, **kwargs))
+    return _cfg(**dict(CIFAR_CFG, num_classes=num_classes, first_conv="patch_embed.block0_conv", **kwargs))
 
 
 def _dvs_cfg(num_classes: int) -> dict:
-    return _cfg(num_classes=num_classes, input_size=(2, 128, 128), mean=(0.0, 0.0), std=(1.0, 1.0))
+    return _cfg(**dvs_cfg(128, num_classes))
 
 
 default_cfgs = generate_default_cfgs(
