@@ -1,8 +1,21 @@
-"""Model families. Importing this package registers every architecture with timm."""
+"""Model families. Importing this package registers every architecture with timm.
 
-from spikeformers.models import atsnn, qcfs, qkformer, sdt_v2, spikingformer  # noqa: F401  (register the models)
+Every module in this folder is imported here, so a new family file registers its models with no
+edit anywhere else (docs/architecture.md). ``hub_cli`` is skipped: it is the old import path of a
+command line that now lives in the training app, and the model library never imports the app.
+"""
+
+import importlib
+import pkgutil
+
 from spikeformers.models.neurons import LIF, set_backend
-from spikeformers.models.sdt import SpikeDrivenTransformer
-from spikeformers.models.spikformer import Spikformer
+
+_NOT_IMPORTED = {"hub_cli"}
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in _NOT_IMPORTED:
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+from spikeformers.models.sdt import SpikeDrivenTransformer  # noqa: E402
+from spikeformers.models.spikformer import Spikformer  # noqa: E402
 
 __all__ = ["LIF", "set_backend", "Spikformer", "SpikeDrivenTransformer"]
