@@ -53,7 +53,7 @@ from spikeformers.models.layers import seq, split_heads
 from spikeformers.models.neurons import LIF
 
 __all__ = [
-    "QKFormer", "QKTokenAttention", "SpikingSelfAttention", "SpikingMlp", "QKBlock", "SSABlock",
+    "QKFormer", "QKTokenAttention", "QKFormerSelfAttention", "QKFormerMlp", "QKBlock", "SSABlock",
     "SpikingPatchEmbed", "PatchEmbedInit", "PatchEmbeddingStage",
 ]
 
@@ -112,7 +112,7 @@ class QKTokenAttention(nn.Module):
         return self.proj_lif(seq(x, self.proj_conv, self.proj_bn).reshape(T, B, C, H, W))
 
 
-class SpikingSelfAttention(nn.Module):
+class QKFormerSelfAttention(nn.Module):
     """Spikformer SSA of the last stage (official ``Spiking_Self_Attention``, §3.3).
 
     q/k/v = SN(BN1d(Conv1d k1, no bias)) on the stream; per head x = (Q (Kᵀ V)) · 0.125;
@@ -161,7 +161,7 @@ class SpikingSelfAttention(nn.Module):
         return x.reshape(T, B, C, H, W)
 
 
-class SpikingMlp(nn.Module):
+class QKFormerMlp(nn.Module):
     """conv1×1 (bias) → BN2d → LIF → conv1×1 (bias) → BN2d → LIF on [T, B, C, H, W].
     ``prefix`` gives the official names: ``"fc"`` (ImageNet) or ``"mlp"`` (CIFAR/DVS)."""
 
@@ -186,7 +186,7 @@ class QKBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, mlp_prefix: str, lif=LIF) -> None:
         super().__init__()
         self.tssa = QKTokenAttention(dim, num_heads, lif)
-        self.mlp = SpikingMlp(dim, int(dim * mlp_ratio), mlp_prefix, lif)
+        self.mlp = QKFormerMlp(dim, int(dim * mlp_ratio), mlp_prefix, lif)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.tssa(x)
@@ -202,11 +202,11 @@ class SSABlock(nn.Module):
                  lif=LIF, legacy_tb_lif: bool = False) -> None:
         super().__init__()
         self.attn_name = attn_name
-        self.add_module(attn_name, SpikingSelfAttention(dim, num_heads, lif, legacy_tb_lif))
-        self.mlp = SpikingMlp(dim, int(dim * mlp_ratio), mlp_prefix, lif)
+        self.add_module(attn_name, QKFormerSelfAttention(dim, num_heads, lif, legacy_tb_lif))
+        self.mlp = QKFormerMlp(dim, int(dim * mlp_ratio), mlp_prefix, lif)
 
     @property
-    def self_attn(self) -> SpikingSelfAttention:
+    def self_attn(self) -> QKFormerSelfAttention:
         return getattr(self, self.attn_name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -398,12 +398,12 @@ class QKFormer(SpikingClassifier):
     @property
     def legacy_tb_lif(self) -> bool:
         """Whether the SSA ``proj_lif`` runs over the T·B-flattened tensor (official, batch-coupled)."""
-        return all(m.legacy_tb_lif for m in self.modules() if isinstance(m, SpikingSelfAttention))
+        return all(m.legacy_tb_lif for m in self.modules() if isinstance(m, QKFormerSelfAttention))
 
     @legacy_tb_lif.setter
     def legacy_tb_lif(self, value: bool) -> None:
         for m in self.modules():
-            if isinstance(m, SpikingSelfAttention):
+            if isinstance(m, QKFormerSelfAttention):
                 m.legacy_tb_lif = bool(value)
 
     # --- timm model API (the rest comes from SpikingClassifier) ---
@@ -546,3 +546,8 @@ def qkformer_gesture_2_256(pretrained: bool = False, **kwargs) -> QKFormer:
     1,999,371 params). Paper: 98.6%."""
     args = _args("dvs", 2, 256, 16, mlp_ratio=4.0, **dict(_DVS, num_classes=11))
     return _create_qkformer("qkformer_gesture_2_256", pretrained, **dict(args, **kwargs))
+
+
+# Old names (two families had a SpikingSelfAttention and a SpikingMlp); kept for existing imports.
+SpikingSelfAttention = QKFormerSelfAttention
+SpikingMlp = QKFormerMlp

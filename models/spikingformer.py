@@ -47,7 +47,7 @@ from spikeformers.models.base import (
 from spikeformers.models.layers import seq, split_heads, ssa_product
 from spikeformers.models.neurons import LIF
 
-__all__ = ["Spikingformer", "SpikingTokenizer", "SpikingSelfAttention", "SpikingMlp", "SpikingTransformerBlock"]
+__all__ = ["Spikingformer", "SpikingTokenizer", "SpikingformerSelfAttention", "SpikingformerMlp", "SpikingTransformerBlock"]
 
 _KINDS = ("cifar", "imagenet", "dvs")
 _SSA_ORDER = {"cifar": "qk_v_scale", "imagenet": "q_kv_scale", "dvs": "qk_v_scale"}
@@ -55,7 +55,7 @@ _TAU = {"cifar": 2.0, "imagenet": 2.0, "dvs": 1.5}
 _NORM_EPS = {"cifar": 1e-5, "imagenet": 1e-5, "dvs": 1e-6}
 
 
-class SpikingSelfAttention(nn.Module):
+class SpikingformerSelfAttention(nn.Module):
     """SSA (§1.3) on the real-valued stream [T, B, C, H, W]; returns the BN output (no LIF).
 
     ``proj_lif`` is the *input* LIF (official name). ``order`` is the product order of
@@ -102,7 +102,7 @@ class SpikingSelfAttention(nn.Module):
         return seq(x, self.proj_conv, self.proj_bn).reshape(T, B, C, *spatial)
 
 
-class SpikingMlp(nn.Module):
+class SpikingformerMlp(nn.Module):
     """MLP (§1.3): LIF → Conv2d 1×1 (bias) → BN2d → LIF → Conv2d 1×1 (bias) → BN2d; no residual."""
 
     def __init__(self, dim: int, hidden: int, lif=LIF) -> None:
@@ -126,9 +126,9 @@ class SpikingTransformerBlock(nn.Module):
                  contiguous_heads: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)  # unused
-        self.attn = SpikingSelfAttention(dim, num_heads, order, lif, contiguous_heads)
+        self.attn = SpikingformerSelfAttention(dim, num_heads, order, lif, contiguous_heads)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)  # unused
-        self.mlp = SpikingMlp(dim, int(dim * mlp_ratio), lif)
+        self.mlp = SpikingformerMlp(dim, int(dim * mlp_ratio), lif)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(x)
@@ -379,3 +379,8 @@ def spikingformer_gesture_2_256(pretrained: bool = False, **kwargs) -> Spikingfo
     """Spikingformer-2-256, DVS128 Gesture (2×128×128 frames, 11 classes, 16 heads, tau 1.5, T=16). README: 98.3%."""
     args = _args("dvs", 2, 256, 16, **dict(_DVS, num_classes=11))
     return _create_spikingformer("spikingformer_gesture_2_256", pretrained, **dict(args, **kwargs))
+
+
+# Old names (two families had a SpikingSelfAttention and a SpikingMlp); kept for existing imports.
+SpikingSelfAttention = SpikingformerSelfAttention
+SpikingMlp = SpikingformerMlp
