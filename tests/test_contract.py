@@ -13,6 +13,7 @@ the checks that must build through ``timm.create_model`` run on one small model 
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -21,6 +22,7 @@ import torch
 from timm.models._features_fx import create_feature_extractor, get_graph_node_names
 
 import spikeformers  # noqa: F401  (registers the models)
+from spikeformers.models import LIF, set_backend
 
 OURS = sorted(n for n in timm.list_models() if timm.models.model_entrypoint(n).__module__.startswith("spikeformers."))
 SMALL = [n for n in OURS if n.endswith("_tiny") or n in ("qcfs_resnet20",)]  # one per family, CPU-sized
@@ -148,6 +150,121 @@ def test_fx_trace_equals_eager(name):
     traced = create_feature_extractor(model, return_nodes=[eval_nodes[-1]])
     with torch.no_grad():
         assert torch.equal(traced(x)[eval_nodes[-1]], model(x))
+
+
+# --- what every spiking family shares (one test each instead of a copy per family file) ----------
+
+SPIKING_SMALL = [n for n in SMALL if not n.startswith("qcfs_")]
+
+
+def _spike_outputs(model, x) -> list[torch.Tensor]:
+    outputs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o)) for m in model.modules() if isinstance(m, LIF)]
+    try:
+        model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs
+
+
+@pytest.mark.parametrize("name", SPIKING_SMALL)
+def test_neurons_emit_binary_spikes_and_eval_is_deterministic(name):
+    model = timm.create_model(name).train()
+    x = _input(model)
+    spikes = _spike_outputs(model, x)
+    assert spikes and all(set(s.unique().tolist()) <= {0.0, 1.0} for s in spikes)
+    assert sum(float(s.detach().sum()) for s in spikes) > 0, "nothing fired: the checks below would be vacuous"
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("name", SPIKING_SMALL)
+def test_per_step_logits_average_to_logits(name):
+    model = timm.create_model(name, T=3).eval()
+    x = _input(model)
+    with torch.no_grad():
+        logits = model(x)
+        model.per_step_logits = True
+        steps = model(x)
+    assert steps.shape == (3, 2, model.num_classes)
+    torch.testing.assert_close(steps.mean(0), logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", SPIKING_SMALL)
+def test_sequence_input_uses_its_own_time_steps(name):
+    model = timm.create_model(name, T=4, per_step_logits=True).eval()
+    x = _input(model)
+    with torch.no_grad():
+        assert model(x.expand(6, *x.shape)).shape == (6, 2, model.num_classes)
+
+
+@pytest.mark.parametrize("name", SPIKING_SMALL)
+def test_bad_input_is_one_line_value_error(name):
+    model = timm.create_model(name)
+    c, h = model.in_chans, _input(model).shape[-1]
+    bad_size = h - 2
+    cases = [
+        (torch.randn(c, h, h), rf"got a 3-D tensor of shape \({c}, {h}, {h}\)"),
+        (torch.randn(2, c + 2, h, h), f"expects {c} input channels, got {c + 2}"),
+        (torch.randn(2, c, bad_size, bad_size), f"multiples of {model.size_multiple}.*got {bad_size}x{bad_size}"),
+    ]
+    for x, match in cases:
+        with pytest.raises(ValueError, match=match) as err:
+            model(x)
+        assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", SPIKING_SMALL)
+def test_backends_agree(name):
+    """The torch and SpikingJelly neurons: identical logits (spikes are exact), gradients within
+    rounding (their backward passes sum in different orders)."""
+    model = timm.create_model(name).train()
+    x = _input(model)
+    runs = {}
+    for backend in ("torch", "spikingjelly"):
+        set_backend(model, backend)
+        model.zero_grad()
+        logits = model(x)
+        logits.square().sum().backward()
+        runs[backend] = logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert torch.equal(runs["torch"][0], runs["spikingjelly"][0])
+    for a, b in zip(runs["torch"][1], runs["spikingjelly"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", SPIKING_SMALL)
+def test_grad_checkpointing_is_exact(name):
+    """Recomputing stages in backward changes no gradient, and BatchNorm statistics are updated
+    once, not again on recompute."""
+    torch.manual_seed(0)
+    plain = timm.create_model(name).train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.set_grad_checkpointing(True)
+    x = _input(plain, batch=4)
+    for model in (plain, ckpt):
+        out = model(x)
+        out = torch.cat(out) if isinstance(out, tuple) else out
+        out.square().mean().backward()
+    for (n, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        if p.grad is not None:
+            assert (p.grad - q.grad).abs().max() <= 1e-6, n
+    assert all(torch.equal(v, ckpt.state_dict()[k]) for k, v in plain.state_dict().items())
+
+
+@pytest.mark.parametrize("name", SPIKING_SMALL)
+def test_layer_decay_groups_stem_first_head_last(name):
+    from timm.optim import create_optimizer_v2
+
+    model = timm.create_model(name)
+    groups = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5).param_groups
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    scales = sorted(set(scale_of.values()))
+    first_conv = model.get_submodule(model.pretrained_cfg["first_conv"]).weight
+    assert len(scales) >= 3 and scale_of[id(first_conv)] == scales[0] and scale_of[id(model.head.weight)] == 1.0
+
+
+# --- compilers -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["sdt_tiny", "qcfs_vgg_tiny"])

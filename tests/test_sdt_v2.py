@@ -392,12 +392,3 @@ def test_layer_decay_groups():
     assert stem["lr_scale"] == scales[0] and block4["lr_scale"] == pytest.approx(0.5)
     assert model.group_matcher(coarse=True)["blocks"][0] == (r"^ConvBlock1_1\.", (0,))
 
-
-def test_bad_input_errors():
-    model = timm.create_model("sdtv2_tiny")
-    with pytest.raises(ValueError, match=r"got a 3-D tensor of shape \(1, 32, 32\)"):
-        model(torch.randn(1, 32, 32))
-    with pytest.raises(ValueError, match="expects 1 input channels, got 3"):
-        model(torch.randn(2, 3, 32, 32))
-    with pytest.raises(ValueError, match="multiples of 16.*got 24x24"):
-        model(torch.randn(2, 1, 24, 24))

@@ -356,14 +356,7 @@ def test_forward_backward(name, kwargs, shape):
     assert torch.equal(model(x), model(x))
 
 
-def test_bad_input_errors():
-    model = timm.create_model("spikingformer_tiny")
-    with pytest.raises(ValueError, match=r"got a 3-D tensor of shape \(3, 32, 32\)"):
-        model(torch.randn(3, 32, 32))
-    with pytest.raises(ValueError, match="expects 1 input channels, got 3"):
-        model(torch.randn(2, 3, 32, 32))
-    with pytest.raises(ValueError, match="multiples of 4.*got 30x30"):
-        model(torch.randn(2, 1, 30, 30))
+def test_bad_input_sizes_per_layout():  # the common input checks are in test_contract.py
     with pytest.raises(ValueError, match="multiples of 16.*got 40x40"):
         small("imagenet")(torch.randn(1, 3, 40, 40))
     with pytest.raises(ValueError, match="multiples of 16.*got 120x120"):
@@ -377,16 +370,6 @@ def test_token_grids_and_sequence_input():
     assert net.forward_features(torch.randn(1, 3, 224, 224)).shape == (1, 1, 384, 14, 14)  # 196 tokens
     tiny = timm.create_model("spikingformer_tiny", T=4, per_step_logits=True).eval()
     assert tiny(torch.randn(6, 2, 1, 32, 32)).shape == (6, 2, 10)  # a sequence's own T wins
-
-
-def test_per_step_logits_average_to_logits():
-    model = timm.create_model("spikingformer_tiny", T=3).eval()
-    x = torch.randn(2, 1, 32, 32)
-    logits = model(x)
-    model.per_step_logits = True
-    steps = model(x)
-    assert steps.shape == (3, 2, 10)
-    torch.testing.assert_close(steps.mean(0), logits, rtol=1e-5, atol=1e-6)
 
 
 def test_registry_cfgs_and_timm_api():
@@ -412,27 +395,6 @@ def test_registry_cfgs_and_timm_api():
         Spikingformer(kind="svhn")
     with pytest.raises(ValueError, match="not divisible"):
         Spikingformer(kind="cifar", embed_dim=64, num_heads=5)
-
-
-def test_layer_decay_groups():
-    from timm.optim import create_optimizer_v2
-
-    model = timm.create_model("spikingformer_tiny")
-    groups = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5).param_groups
-    assert len({g["lr_scale"] for g in groups}) == 4  # stem, block 0, block 1, head
-
-
-def test_grad_checkpointing_is_exact():
-    plain = timm.create_model("spikingformer_tiny").train()
-    ckpt = copy.deepcopy(plain)
-    ckpt.set_grad_checkpointing(True)
-    x, y = torch.randn(4, 1, 32, 32), torch.tensor([1, 2, 3, 4])
-    for model in (plain, ckpt):
-        F.cross_entropy(model(x), y).backward()
-    for (n, p), (_, q) in zip(plain.named_parameters(), ckpt.named_parameters()):
-        if p.grad is not None:
-            assert (p.grad - q.grad).abs().max() <= 1e-6, n
-    assert all(torch.equal(v, ckpt.state_dict()[k]) for k, v in plain.state_dict().items())
 
 
 # --- training presets (more_families.md §1.7) --------------------------------------------------
