@@ -239,12 +239,7 @@ def train_one_epoch(job: Job, progress: Progress, stop: PreemptionFlag, report: 
     """Train epoch ``progress.epoch`` from batch ``progress.batch``. Returns False when preempted
     (after checkpointing the step it stopped at)."""
     cfg, tcfg, ctx, epoch = job.cfg, job.cfg.trainer, job.ctx, progress.epoch
-    job.train_set.set_epoch(epoch)
-    if job.mixup is not None and cfg.data.mixup.off_epoch is not None and epoch >= cfg.data.mixup.off_epoch:
-        job.mixup.mixup_enabled = False
-    sampler = EpochSampler(len(job.train_set), job.batch_size, cfg.seed, epoch, ctx.rank, ctx.world, progress.batch)
-    loader = DataLoader(job.train_set, batch_size=job.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-                        drop_last=True, pin_memory=ctx.device.type == "cuda")
+    loader = _epoch_loader(job, progress)
     job.model.train()
     show = ctx.primary and tcfg.progress and sys.stderr.isatty()
     bar = tqdm(total=job.steps_per_epoch, initial=progress.batch, desc=f"epoch {epoch}", disable=not show, leave=False)
@@ -255,10 +250,7 @@ def train_one_epoch(job: Job, progress: Progress, stop: PreemptionFlag, report: 
         loss_value = _forward_backward(job, images, target)
         nonfinite, preempted = ctx.any(not math.isfinite(loss_value), stop.requested)
         if nonfinite:
-            raise FloatingPointError(
-                f"non-finite training loss ({loss_value}) at epoch {epoch}, step {progress.batch}; stopped before the update"
-                + (f"; the last good checkpoint is {job.last_checkpoint}" if job.last_checkpoint.exists()
-                   else "; no checkpoint was written yet"))
+            raise _nonfinite_loss(job, loss_value, epoch, progress.batch)
         _optimizer_step(job, progress)
         progress.step_done(loss_value)
         bar.update(1)
@@ -274,6 +266,25 @@ def train_one_epoch(job: Job, progress: Progress, stop: PreemptionFlag, report: 
     if cfg.sched.step_on_epochs:
         job.scheduler.step(epoch + 1)
     return True
+
+
+def _epoch_loader(job: Job, progress: Progress) -> DataLoader:
+    """This rank's batches of epoch ``progress.epoch`` from batch ``progress.batch`` on, with the
+    epoch's augmentation seeds (and Mixup switched off from ``data.mixup.off_epoch``)."""
+    cfg, ctx, epoch = job.cfg, job.ctx, progress.epoch
+    job.train_set.set_epoch(epoch)
+    if job.mixup is not None and cfg.data.mixup.off_epoch is not None and epoch >= cfg.data.mixup.off_epoch:
+        job.mixup.mixup_enabled = False
+    sampler = EpochSampler(len(job.train_set), job.batch_size, cfg.seed, epoch, ctx.rank, ctx.world, progress.batch)
+    return DataLoader(job.train_set, batch_size=job.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
+                      drop_last=True, pin_memory=ctx.device.type == "cuda")
+
+
+def _nonfinite_loss(job: Job, loss_value: float, epoch: int, step: int) -> FloatingPointError:
+    kept = (f"; the last good checkpoint is {job.last_checkpoint}" if job.last_checkpoint.exists()
+            else "; no checkpoint was written yet")
+    return FloatingPointError(f"non-finite training loss ({loss_value}) at epoch {epoch}, step {step}; "
+                              f"stopped before the update{kept}")
 
 
 def _training_batch(job: Job, images: torch.Tensor, target: torch.Tensor, epoch: int, batch: int):
