@@ -15,8 +15,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
+from spikeformers.models.neurons import LIF
+
 __all__ = [
-    "seq", "time_sequence", "split_heads", "ssa_product", "checkpoint_filter_fn", "family_filter", "state_dims",
+    "seq", "time_sequence", "split_heads", "ssa_product", "SpikeFirstMlp", "checkpoint_filter_fn", "family_filter", "state_dims",
     "checkpoint_block",
 ]
 
@@ -79,6 +81,28 @@ def ssa_product(q, k, v, scale: float, order: str) -> torch.Tensor:
     if order == "qk_v_scale":
         return (q @ k.transpose(-2, -1)) @ v * scale
     return q @ (k.transpose(-2, -1) @ v) * scale
+
+
+class SpikeFirstMlp(nn.Module):
+    """LIF → 1×1 conv (bias) → BN → LIF → 1×1 conv (bias) → BN on [T, B, C, H, W], every conv fed
+    binary spikes, under the official flat names ``{prefix}1_lif``, ``{prefix}1_conv``,
+    ``{prefix}1_bn``, ``{prefix}2_…``: SDT v1's ``MS_MLP_Conv`` (prefix ``fc``, with its own
+    membrane shortcut) and Spikingformer's MLP (prefix ``mlp``, the block adds the residual)."""
+
+    def __init__(self, dim: int, hidden: int, prefix: str, residual: bool, lif=LIF) -> None:
+        super().__init__()
+        self.residual = residual
+        self.names = [(f"{prefix}{i}_lif", f"{prefix}{i}_conv", f"{prefix}{i}_bn") for i in (1, 2)]
+        for (lif_name, conv_name, bn_name), (c_in, c_out) in zip(self.names, ((dim, hidden), (hidden, dim))):
+            self.add_module(lif_name, lif())
+            self.add_module(conv_name, nn.Conv2d(c_in, c_out, 1))
+            self.add_module(bn_name, nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        for lif_name, conv_name, bn_name in self.names:
+            x = seq(getattr(self, lif_name)(x), getattr(self, conv_name), getattr(self, bn_name))
+        return x + identity if self.residual else x
 
 
 class _FrozenBatchNormStats(contextlib.AbstractContextManager):

@@ -23,7 +23,7 @@ from spikeformers.models import hub
 from spikeformers.models.base import (
     CIFAR_CFG, SpikingClassifier, build_spiking_model, dvs_cfg, fx_leaf, init_conv_and_bn, spiking_cfg,
 )
-from spikeformers.models.layers import checkpoint_block, checkpoint_filter_fn, seq
+from spikeformers.models.layers import SpikeFirstMlp, checkpoint_block, checkpoint_filter_fn, seq
 from spikeformers.models.neurons import LIF
 from spikeformers.models.sdsa import sdsa
 
@@ -88,23 +88,6 @@ class SpikeDrivenSelfAttention(nn.Module):
         return x + identity
 
 
-class MembraneShortcutMlp(nn.Module):
-    """``MS_MLP_Conv``: x + BN(conv(LIF(BN(conv(LIF(x)))))), 1×1 convs with bias, ratio 4."""
-
-    def __init__(self, dim: int, hidden: int, lif=LIF) -> None:
-        super().__init__()
-        self.fc1_lif = lif()
-        self.fc1_conv, self.fc1_bn = nn.Conv2d(dim, hidden, 1), nn.BatchNorm2d(hidden)
-        self.fc2_lif = lif()
-        self.fc2_conv, self.fc2_bn = nn.Conv2d(hidden, dim, 1), nn.BatchNorm2d(dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x
-        x = seq(self.fc1_lif(x), self.fc1_conv, self.fc1_bn)
-        x = seq(self.fc2_lif(x), self.fc2_conv, self.fc2_bn)
-        return x + identity
-
-
 @fx_leaf
 class Block(nn.Module):
     """x ← MLP(SDSA(x)); each sub-module holds its own residual. No norms, no DropPath (§3.3)."""
@@ -112,7 +95,7 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dvs_mode: bool, lif=LIF):
         super().__init__()
         self.attn = SpikeDrivenSelfAttention(dim, num_heads, dvs_mode, lif)
-        self.mlp = MembraneShortcutMlp(dim, int(dim * mlp_ratio), lif)
+        self.mlp = SpikeFirstMlp(dim, int(dim * mlp_ratio), "fc", residual=True, lif=lif)  # MS_MLP_Conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.attn(x))

@@ -44,10 +44,10 @@ from spikeformers.models import layers
 from spikeformers.models.base import (
     CIFAR_CFG, SpikingClassifier, build_spiking_model, dvs_cfg, fx_leaf, init_linear_and_layernorm, spiking_cfg,
 )
-from spikeformers.models.layers import seq, split_heads, ssa_product
+from spikeformers.models.layers import SpikeFirstMlp, seq, split_heads, ssa_product
 from spikeformers.models.neurons import LIF
 
-__all__ = ["Spikingformer", "SpikingTokenizer", "SpikingformerSelfAttention", "SpikingformerMlp", "SpikingTransformerBlock"]
+__all__ = ["Spikingformer", "SpikingTokenizer", "SpikingformerSelfAttention", "SpikingTransformerBlock"]
 
 _KINDS = ("cifar", "imagenet", "dvs")
 _SSA_ORDER = {"cifar": "qk_v_scale", "imagenet": "q_kv_scale", "dvs": "qk_v_scale"}
@@ -102,21 +102,6 @@ class SpikingformerSelfAttention(nn.Module):
         return seq(x, self.proj_conv, self.proj_bn).reshape(T, B, C, *spatial)
 
 
-class SpikingformerMlp(nn.Module):
-    """MLP (§1.3): LIF → Conv2d 1×1 (bias) → BN2d → LIF → Conv2d 1×1 (bias) → BN2d; no residual."""
-
-    def __init__(self, dim: int, hidden: int, lif=LIF) -> None:
-        super().__init__()
-        self.mlp1_lif = lif()
-        self.mlp1_conv, self.mlp1_bn = nn.Conv2d(dim, hidden, 1), nn.BatchNorm2d(hidden)
-        self.mlp2_lif = lif()
-        self.mlp2_conv, self.mlp2_bn = nn.Conv2d(hidden, dim, 1), nn.BatchNorm2d(dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, B, C, H, W]
-        x = seq(self.mlp1_lif(x), self.mlp1_conv, self.mlp1_bn)
-        return seq(self.mlp2_lif(x), self.mlp2_conv, self.mlp2_bn)
-
-
 @fx_leaf
 class SpikingTransformerBlock(nn.Module):
     """x ← x + SSA(x); x ← x + MLP(x) (membrane shortcut). ``norm1``/``norm2`` are never applied
@@ -128,7 +113,7 @@ class SpikingTransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)  # unused
         self.attn = SpikingformerSelfAttention(dim, num_heads, order, lif, contiguous_heads)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)  # unused
-        self.mlp = SpikingformerMlp(dim, int(dim * mlp_ratio), lif)
+        self.mlp = SpikeFirstMlp(dim, int(dim * mlp_ratio), "mlp", residual=False, lif=lif)  # LIF first, no residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(x)
@@ -381,6 +366,5 @@ def spikingformer_gesture_2_256(pretrained: bool = False, **kwargs) -> Spikingfo
     return _create_spikingformer("spikingformer_gesture_2_256", pretrained, **dict(args, **kwargs))
 
 
-# Old names (two families had a SpikingSelfAttention and a SpikingMlp); kept for existing imports.
+# Old name (two families had a SpikingSelfAttention); kept for existing imports.
 SpikingSelfAttention = SpikingformerSelfAttention
-SpikingMlp = SpikingformerMlp
