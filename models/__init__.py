@@ -1,8 +1,7 @@
 """Model families. Importing this package registers every architecture with timm.
 
 Every module in this folder is imported here, so a new family file registers its models with no
-edit anywhere else (docs/architecture.md). ``hub_cli`` is skipped: it is the old import path of a
-command line that now lives in the training app, and the model library never imports the app.
+edit anywhere else (docs/architecture.md).
 """
 
 import importlib
@@ -10,10 +9,8 @@ import pkgutil
 
 from spikeformers.models.neurons import LIF, set_backend
 
-_NOT_IMPORTED = {"hub_cli"}
 for _module in pkgutil.iter_modules(__path__):
-    if _module.name not in _NOT_IMPORTED:
-        importlib.import_module(f"{__name__}.{_module.name}")
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 from spikeformers.models.sdt import SpikeDrivenTransformer  # noqa: E402
 from spikeformers.models.spikformer import Spikformer  # noqa: E402

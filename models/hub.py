@@ -99,7 +99,7 @@ REGISTRY: dict[str, Weights] = {
         Weights("spikformer_tiny.digits", "spikformer_tiny.digits.safetensors",
                 "efe27b41c5a0ceba03e5253d0301f6a4e7ccd52bc522fac1b06d7d5de6c288d6",
                 "digits (sklearn load_digits, 32x32, 1 channel)", 4, 97.78,
-                "spikeformers-train model=spikformer_tiny (docs/training.md)", packaged=True, input_size=(1, 32, 32)),
+                "spikeformers-train model.name=spikformer_tiny (docs/training.md)", packaged=True, input_size=(1, 32, 32)),
         *[
             Weights(f"sdt_imagenet_{arch}.in1k", f"sdt_imagenet_{arch}.in1k.safetensors", "", "ImageNet-1k", 4, top1,
                     _SDT_SOURCE, url=_SDT_DRIVE.format(drive_id), num_classes=1000, input_size=(3, 224, 224),

@@ -26,13 +26,6 @@ def test_console_scripts_live_in_the_training_app(name):
     assert callable(getattr(import_module(module), function))
 
 
-def test_hub_cli_moved_with_its_old_import_path_kept():
-    from spikeformers.models import hub_cli as old
-    from spikeformers.train import hub_cli
-
-    assert old.main is hub_cli.main and old.convert is hub_cli.convert
-
-
 @pytest.fixture
 def cifar_checkpoint(tmp_path):
     """A training checkpoint whose stored data set (cifar10) is missing on this machine; its

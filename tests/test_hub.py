@@ -17,8 +17,8 @@ import torch
 
 import spikeformers  # noqa: F401
 from spikeformers.models import hub
-from spikeformers.models.hub_cli import convert
-from spikeformers.models.hub_cli import main as hub_main
+from spikeformers.train.hub_cli import convert
+from spikeformers.train.hub_cli import main as hub_main
 
 PAYLOAD = os.urandom(3 * 1024 * 1024 + 123)
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()

@@ -7,8 +7,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LIBRARY = ("models", "kernels")
-# The old import path of the hub command line re-exports it from the app, for existing imports only.
-COMPATIBILITY_SHIMS = {"models/hub_cli.py"}
 
 
 def app_imports(source: str, package: str) -> list[str]:
@@ -65,14 +63,5 @@ def test_model_library_does_not_import_the_training_app():
         str(path.relative_to(REPO)): imports
         for path in library_modules()
         if (imports := app_imports(path.read_text(), package_of(path)))
-        and str(path.relative_to(REPO)) not in COMPATIBILITY_SHIMS
     }
     assert offenders == {}, f"the model library imports the training app: {offenders}"
-
-
-def test_compatibility_shims_only_re_export():
-    """A shim holds imports and ``__all__`` only, so no library code hides behind the exemption."""
-    for name in COMPATIBILITY_SHIMS:
-        tree = ast.parse((REPO / name).read_text())
-        body = [n for n in tree.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
-        assert all(isinstance(n, (ast.Import, ast.ImportFrom, ast.Assign)) for n in body), name
