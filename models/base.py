@@ -47,7 +47,7 @@ from spikeformers.models.layers import checkpoint_block, checkpoint_filter_fn, t
 from spikeformers.models.neurons import LIF
 
 __all__ = [
-    "SpikingClassifier", "build_spiking_model", "fx_leaf", "spiking_cfg", "CIFAR_CFG", "dvs_cfg",
+    "SpikingClassifier", "build_spiking_model", "as_features", "fx_leaf", "spiking_cfg", "CIFAR_CFG", "dvs_cfg",
     "init_linear_and_layernorm", "init_conv_and_bn",
 ]
 
@@ -185,6 +185,21 @@ class SpikingClassifier(nn.Module):
         intermediates = [maps[i] for i in take]
         return intermediates if intermediates_only else (x, intermediates)
 
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop what the levels ``indices`` do not need (timm's API, used by ``features_only``): the
+        stages after the last level become ``Identity`` and, with ``prune_head``, the classifiers go.
+        Returns the absolute level indices kept."""
+        take, max_index = feature_take_indices(len(self.feature_info), indices)
+        stages = self.stages()
+        last = self._feature_stages([name for name, _ in stages])[max_index]
+        for name, stage in stages[last + 1:]:
+            if isinstance(stage, nn.Module):
+                self.set_submodule(name, nn.Identity())
+        if prune_head:
+            self.reset_classifier(0)
+        return take
+
     def _feature_stages(self, names: list[str]) -> list[int]:
         """For each level of ``feature_info``: the index of the stage it is taken after, the last
         stage named ``module`` or inside it (``stage1`` covers ``stage1.0``, ``stage1.1``, ...)."""
@@ -237,12 +252,19 @@ def build_spiking_model(model_cls: type[nn.Module], variant: str, pretrained: bo
     features_only = kwargs.pop("features_only", False)
     out_indices = kwargs.pop("out_indices", None)
     kwargs.pop("feature_cls", None)
+    # timm passes device/dtype to the constructor; ours build on the default device, then move
+    placement = {k: v for k in ("device", "dtype") if (v := kwargs.pop(k, None)) is not None}
     model = hub.build_model(model_cls, variant, pretrained, filter_fn, **kwargs)
-    if not features_only:
-        return model
-    cfg = model.pretrained_cfg
+    if placement:
+        model = model.to(**placement)
+    return as_features(model, out_indices) if features_only else model
+
+
+def as_features(model: nn.Module, out_indices=None) -> nn.Module:
+    """timm's ``features_only`` wrapper around ``forward_intermediates``: every level of
+    ``feature_info`` by default, the later stages and the head pruned away."""
     features = FeatureGetterNet(model, out_indices=len(model.feature_info) if out_indices is None else out_indices)
-    features.pretrained_cfg = pretrained_cfg_for_features(cfg)
+    features.pretrained_cfg = features.default_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
     return features
 
 

@@ -19,7 +19,9 @@ import copy
 
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import FeatureGetterNet, feature_take_indices
+from timm.models._features import feature_take_indices
+
+from spikeformers.models.base import as_features
 from torch import nn
 
 __all__ = ["QCFS", "IFNeuron", "ConvertedSNN", "replace_activations", "to_snn", "VGG", "CifarResNet"]
@@ -304,7 +306,7 @@ class VGG(nn.Module):
     Feature levels: the output of every pooling layer."""
 
     def __init__(self, layers=VGG16_LAYERS, num_classes: int = 10, in_chans: int = 3, img_size: int = 32,
-                 hidden: int = 4096, dropout: float = 0.5, global_pool: str = "", **kwargs) -> None:
+                 hidden: int = 4096, dropout: float = 0.5, global_pool: str = "") -> None:
         super().__init__()
         features, channels, size, self.feature_info = [], in_chans, img_size, []
         for spec in layers:
@@ -319,7 +321,9 @@ class VGG(nn.Module):
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(channels * size * size, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
             nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), _classifier(hidden, num_classes))
-        self.num_classes, self.num_features = num_classes, hidden  # pre-logits = the second FC's output
+        # pre-logits = the second FC's output
+        self.num_classes, self.num_features = num_classes, hidden
+        self.head_hidden_size = hidden
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
@@ -374,7 +378,7 @@ class CifarResNet(nn.Module):
     Feature levels: the stem and every stage."""
 
     def __init__(self, blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512), num_classes: int = 10, in_chans: int = 3,
-                 global_pool: str = "avg", **kwargs) -> None:
+                 img_size: int = 32, global_pool: str = "avg") -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
         stages, channels = [], widths[0]
@@ -388,6 +392,7 @@ class CifarResNet(nn.Module):
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = _classifier(channels, num_classes)
         self.num_classes, self.num_features = num_classes, channels
+        self.head_hidden_size = channels
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))
@@ -410,8 +415,11 @@ class CifarResNet(nn.Module):
         return self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New classifier; ``global_pool=""`` also drops the pooling (``forward`` then returns maps)."""
         self.num_classes = num_classes
         self.fc = _classifier(self.num_features, num_classes)
+        if global_pool is not None:
+            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()) if global_pool else nn.Identity()
 
 
 def _cfg(**kwargs) -> dict:
@@ -421,10 +429,11 @@ def _cfg(**kwargs) -> dict:
 
 
 default_cfgs = generate_default_cfgs({
-    "qcfs_vgg16": _cfg(first_conv="features.0", classifier="classifier.7"),
-    "qcfs_vgg_tiny": _cfg(first_conv="features.0", classifier="classifier.7", input_size=(1, 32, 32), mean=(0.5,), std=(0.5,)),
-    "qcfs_resnet18": _cfg(first_conv="stem.0", classifier="fc"),
-    "qcfs_resnet20": _cfg(first_conv="stem.0", classifier="fc"),
+    "qcfs_vgg16": _cfg(first_conv="features.0", classifier="classifier.7", pool_size=(1, 1)),
+    "qcfs_vgg_tiny": _cfg(first_conv="features.0", classifier="classifier.7", input_size=(1, 32, 32), mean=(0.5,),
+                          std=(0.5,), pool_size=(4, 4)),
+    "qcfs_resnet18": _cfg(first_conv="stem.0", classifier="fc", pool_size=(4, 4)),
+    "qcfs_resnet20": _cfg(first_conv="stem.0", classifier="fc", pool_size=(8, 8)),
 })
 
 
@@ -435,13 +444,10 @@ def _create(cls, name: str, pretrained: bool, levels: int, gradient: str, thresh
         raise FileNotFoundError(f"{name} has no pretrained weights; train it with spikeformers-train model={name}")
     features_only, out_indices = kwargs.pop("features_only", False), kwargs.pop("out_indices", None)
     kwargs.pop("feature_cls", None)
+    placement = {k: v for k in ("device", "dtype") if (v := kwargs.pop(k, None)) is not None}
     model = build_model_with_cfg(cls, name, pretrained=False, **kwargs)
-    model = replace_activations(model, levels=levels, threshold=threshold, gradient=gradient)
-    if not features_only:
-        return model
-    features = FeatureGetterNet(model, out_indices=len(model.feature_info) if out_indices is None else out_indices)
-    features.pretrained_cfg = model.pretrained_cfg
-    return features
+    model = replace_activations(model, levels=levels, threshold=threshold, gradient=gradient).to(**placement)
+    return as_features(model, out_indices) if features_only else model
 
 
 @register_model

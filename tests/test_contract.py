@@ -26,6 +26,7 @@ from spikeformers.models import LIF, set_backend
 
 OURS = sorted(n for n in timm.list_models() if timm.models.model_entrypoint(n).__module__.startswith("spikeformers."))
 SMALL = [n for n in OURS if n.endswith("_tiny") or n in ("qcfs_resnet20",)]  # one per family, CPU-sized
+SPIKING_SMALL = [n for n in SMALL if not n.startswith("qcfs_")]
 NOT_FX = ("atsnn_",)  # token halting: the number of tokens processed depends on the data
 
 
@@ -138,8 +139,30 @@ def test_create_num_classes_0_and_features_only(name):
         maps = features(x)
     assert [m.shape[1] for m in maps] == channels
     assert all(m.shape[0] == 2 and m.dim() == 4 and torch.isfinite(m).all() for m in maps)
+    assert features.default_cfg["input_size"] == features.pretrained_cfg["input_size"]
     last = timm.create_model(name, features_only=True, out_indices=(-1,)).eval()
     assert len(last.feature_info.channels()) == 1
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_create_takes_device_and_dtype_and_rejects_unknown_arguments(name):
+    model = timm.create_model(name, device="cpu", dtype=torch.float64)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    with pytest.raises(TypeError, match="not_a_model_arg"):
+        timm.create_model(name, not_a_model_arg=1)
+
+
+@pytest.mark.parametrize("name", SPIKING_SMALL)
+def test_prune_intermediate_layers_keeps_the_first_level(name):
+    model = timm.create_model(name).eval()
+    x = _input(model)
+    with torch.no_grad():
+        first = model.forward_intermediates(x, indices=[0], intermediates_only=True)[0]
+    n_params = sum(p.numel() for p in model.parameters())
+    assert model.prune_intermediate_layers([0]) == [0]
+    assert sum(p.numel() for p in model.parameters()) < n_params and model.num_classes == 0
+    with torch.no_grad():
+        assert torch.equal(model.forward_intermediates(x, indices=[0], intermediates_only=True)[0], first)
 
 
 @pytest.mark.parametrize("name", [n for n in SMALL if not n.startswith(NOT_FX)])
@@ -153,9 +176,6 @@ def test_fx_trace_equals_eager(name):
 
 
 # --- what every spiking family shares (one test each instead of a copy per family file) ----------
-
-SPIKING_SMALL = [n for n in SMALL if not n.startswith("qcfs_")]
-
 
 def _spike_outputs(model, x) -> list[torch.Tensor]:
     outputs = []
