@@ -33,6 +33,7 @@ SNN differences from a timm CNN/ViT, by design (docs/architecture.md):
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable
 
 import torch
@@ -95,6 +96,18 @@ class SpikingClassifier(nn.Module):
     unused_parameters: str | None = None  # a regex over parameter names
     stem_regex = r"^patch_embed"
     grad_checkpointing = False
+
+    @property
+    def T(self) -> int:
+        """Time steps for image input (a sequence input brings its own)."""
+        return self._T
+
+    @T.setter
+    def T(self, value: int) -> None:
+        # T = -1 used to run as T = 1, T = 0 died in a reshape and T = 2.5 in expand: refuse at once
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"T (time steps) must be a positive integer, got {value!r}")
+        self._T = int(value)
 
     # --- what a family declares ---------------------------------------------------------------
 

@@ -236,6 +236,17 @@ def test_bad_input_is_one_line_value_error(name):
 
 
 @pytest.mark.parametrize("name", SPIKING_SMALL)
+def test_T_must_be_a_positive_integer(name):
+    for bad in (0, -1, 2.5, True, "4"):
+        with pytest.raises(ValueError, match=f"T \\(time steps\\) must be a positive integer, got {bad!r}"):
+            timm.create_model(name, T=bad)
+    model = timm.create_model(name, T=2)
+    with pytest.raises(ValueError, match="positive integer"):
+        model.T = 0
+    assert model.T == 2
+
+
+@pytest.mark.parametrize("name", SPIKING_SMALL)
 def test_backends_agree(name):
     """The torch and SpikingJelly neurons: identical logits (spikes are exact), gradients within
     rounding (their backward passes sum in different orders)."""
