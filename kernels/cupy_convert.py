@@ -23,7 +23,7 @@ def usable(x: torch.Tensor) -> bool:
 
 
 def if_forward(z: torch.Tensor, theta: float) -> torch.Tensor:
-    """IF spikes for z [T, ...] (conversion.md §1.3): v(0) = θ/2, soft reset, amplitude θ."""
+    """IF spikes for z [T, ...]: v(0) = θ/2, soft reset, amplitude θ."""
     z = z.detach().contiguous()
     T, M = z.shape[0], z[0].numel()
     spikes = torch.empty_like(z)
@@ -33,7 +33,7 @@ def if_forward(z: torch.Tensor, theta: float) -> torch.Tensor:
 
 
 def multi_threshold_step(x: torch.Tensor, v: torch.Tensor, theta_p: float, theta_n: float, levels: int) -> torch.Tensor:
-    """One step of the multi-threshold neuron (§2.4); ``v`` (contiguous, x's shape) is updated in place."""
+    """One step of the multi-threshold neuron; ``v`` (contiguous, x's shape) is updated in place."""
     x = x.detach().contiguous()
     spikes = torch.empty_like(x)
     _launch(f"multi_threshold_step_{_SUFFIX[x.dtype]}", x.numel(), x.device, _arg(x), _arg(v), _arg(spikes),

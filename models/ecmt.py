@@ -2,19 +2,18 @@
 Multi-Threshold neurons.
 
 Huang et al., "Towards High-performance Spiking Transformers from ANN to SNN Conversion",
-ACM MM 2024, arXiv:2502.21193. Spec: conversion.md §2. The conversion is post-training:
+ACM MM 2024, arXiv:2502.21193. The conversion is post-training:
 
 1. :func:`calibrate` runs the ANN once per batch with a probe at every Linear input and every
-   matrix-product operand (§2.2 table) and keeps running means of the 99th-percentile pair
-   (θ_p, θ_n) of each probe (§2.2 step 2).
-2. :func:`convert` copies the ANN and swaps (§2.2 step 3): every probe for a
-   :class:`MultiThresholdNeuron` (§2.4); every LayerNorm, softmax and GELU for an :class:`ECM`
-   (§2.3); q·kᵀ and attn·v for AtNeurons (:class:`AtNeuron`, §2.3). Patch embedding, class/distillation
-   tokens, position embeddings, LayerScale and residual adds stay analog: they are linear, so
+   matrix-product operand and keeps running means of the 99th-percentile pair (θ_p, θ_n) of
+   each probe.
+2. :func:`convert` copies the ANN and swaps every probe for a :class:`MultiThresholdNeuron`,
+   every LayerNorm, softmax and GELU for an :class:`ECM`, and q·kᵀ and attn·v for AtNeurons
+   (:class:`AtNeuron`). Patch embedding, class/distillation tokens, position embeddings, LayerScale and residual adds stay analog: they are linear, so
    running them every step on the same image is exact.
 3. :meth:`SpikingTransformer.forward_steps` feeds the same image every step and returns the
    running mean of the head output after each step ([T, B, K]); :func:`energy_ratio` gives
-   E_SNN/E_ANN per step from synaptic-operation counts (§2.5).
+   E_SNN/E_ANN per step from synaptic-operation counts.
 
 Supported: timm ``VisionTransformer`` (vit_*, deit_*; ``VisionTransformerDistilled`` too) with
 pre-norm ``Block``, ``Attention`` and ``Mlp``, and timm ``Eva`` (EVA-1 ``eva_giant_*``, rotary
@@ -24,7 +23,7 @@ attention, SwiGLU MLPs (EVA-02), post-norm or parallel blocks.
 
 The network runs one time step per call of the converted timm model; every stateful module
 (neuron, ECM, AtNeuron) keeps its own state, which :meth:`SpikingTransformer.reset` clears.
-Float64 is supported end to end (the ECMT dynamics are chaotic in float32, §3.3).
+Float64 is supported end to end (the ECMT dynamics are chaotic in float32).
 """
 
 from __future__ import annotations
@@ -44,9 +43,9 @@ from torch import nn
 __all__ = ["ECM", "AtNeuron", "MultiThresholdNeuron", "ThresholdProbe", "SpikingAttention", "SpikingMlp",
            "SpikingTransformer", "calibrate", "convert", "energy_ratio", "op_counts"]
 
-ATTENTION_SITES = ("fc_qkv", "q", "k", "v", "s", "fc_out")  # probe sites per block, §2.2 table
+ATTENTION_SITES = ("fc_qkv", "q", "k", "v", "s", "fc_out")  # probe sites per block table
 MLP_SITES = ("fc1", "fc2")
-E_AC, E_MAC = 0.9, 4.6  # pJ per accumulate / multiply-accumulate (§2.5)
+E_AC, E_MAC = 0.9, 4.6  # pJ per accumulate / multiply-accumulate
 
 # Elementwise activations an ECM wraps exactly (any f works in principle; these are the ones timm
 # ViTs use, so an unexpected module is rejected rather than silently run as if linear).
@@ -57,7 +56,7 @@ _ACTIVATIONS = (nn.GELU, GELU, GELUTanh, QuickGELU, nn.SiLU, nn.ReLU, nn.Tanh)
 
 
 def percentile_pair(x: torch.Tensor, percentile: float) -> tuple[float, float]:
-    """(p_hi, p_lo) of one batch (§2.2 step 2): the k-th smallest entry with k = ⌊q·numel⌋ and
+    """(p_hi, p_lo) of one batch: the k-th smallest entry with k = ⌊q·numel⌋ and
     minus the k-th smallest with k = ⌊(1 − q)·numel⌋ (k ≥ 1, so tiny tensors still work)."""
     flat = x.detach().reshape(-1)  # every entry of the probe's input, batch included
     n = flat.numel()
@@ -67,7 +66,7 @@ def percentile_pair(x: torch.Tensor, percentile: float) -> tuple[float, float]:
 
 
 def ecm_step(f: Callable, total: torch.Tensor, t: int, scaled_before: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of an expectation compensation module (§2.3), given S_t = ``total`` and
+    """One step of an expectation compensation module, given S_t = ``total`` and
     (t−1)·f(S_{t−1}/(t−1)) = ``scaled_before`` (None at t = 1). Returns (O_t, t·f(S_t/t)) with
     O_t = t·f(S_t/t) − (t−1)·f(S_{t−1}/(t−1)), so Σ_{i≤t} O_i = t·f(mean input): rate out = f(rate in)."""
     scaled = f(total / t) * t
@@ -76,7 +75,7 @@ def ecm_step(f: Callable, total: torch.Tensor, t: int, scaled_before: torch.Tens
 
 def product_step(a: torch.Tensor, b: torch.Tensor, sum_a: torch.Tensor, sum_b: torch.Tensor, product: torch.Tensor,
                  t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Step t ≥ 2 of the AtNeuron (§2.3): a [..., N, d] and b [..., d, M] are this step's spiking
+    """Step t ≥ 2 of the AtNeuron: a [..., N, d] and b [..., d, M] are this step's spiking
     operands, sum_a/sum_b their sums up to t−1, product P = Σ_{i,j<t} A_i B_j. Returns
     (O_t, S_A(t), S_B(t), P_t) with Σ_{i≤t} O_i = S_A(t)·S_B(t)/t: rate out = rate A · rate B.
     A_t S_B and S_A B_t multiply spikes with sums, i.e. additions only."""
@@ -89,7 +88,7 @@ def product_step(a: torch.Tensor, b: torch.Tensor, sum_a: torch.Tensor, sum_b: t
 
 
 def fire(v: torch.Tensor, theta_p: float, theta_n: float, levels: int) -> torch.Tensor:
-    """Spike of a multi-threshold neuron with membrane ``v`` (§2.4), same shape as v: the first
+    """Spike of a multi-threshold neuron with membrane ``v``, same shape as v: the first
     level k = n−1 … 0 where v ≥ θ_p·2^k − θ_p/2 (emit +θ_p·2^k) or −v ≥ θ_n·2^k − θ_n/2
     (emit −θ_n·2^k); 0 if none. At most one spike per neuron and step: with θ_p, θ_n > 0 the
     two sides need v ≥ θ_p/2 and v ≤ −θ_n/2. The −θ/2 offset rounds to the nearest level like
@@ -110,7 +109,7 @@ def fire(v: torch.Tensor, theta_p: float, theta_n: float, levels: int) -> torch.
 
 def neuron_settings(place: str, calibrated: tuple[float, float], n_linear: int, n_qkv: int, n_softmax: int,
                     softmax_p: float, fc2_override: tuple[float, float] | None) -> tuple[float, float, int]:
-    """(θ_p, θ_n, n) of the neuron at a probe site (§2.4 table). v takes n_linear, as in the
+    """(θ_p, θ_n, n) of the neuron at a probe site. v takes n_linear, as in the
     official code (its q/k/v name test lists q twice); the softmax output uses softmax_p on both
     sides; fc2 takes ``fc2_override`` when given (the official rule for models named *vit*)."""
     theta_p, theta_n = calibrated
@@ -124,13 +123,13 @@ def neuron_settings(place: str, calibrated: tuple[float, float], n_linear: int, 
 
 
 def linear_ops(x: torch.Tensor, out_features: int) -> tuple[int, int]:
-    """(SOP, OPS) of a Linear on input x [..., in] (§2.5): every non-zero input entry drives
+    """(SOP, OPS) of a Linear on input x [..., in]: every non-zero input entry drives
     ``out_features`` accumulates; the dense layer does numel·out_features MACs."""
     return int(torch.count_nonzero(x)) * out_features, x.numel() * out_features
 
 
 def product_ops(a: torch.Tensor, b: torch.Tensor, sum_a: torch.Tensor, sum_b: torch.Tensor) -> tuple[int, int]:
-    """(SOP, OPS) of one AtNeuron step (§2.5) for a [..., N, d], b [..., d, M]: the totals of
+    """(SOP, OPS) of one AtNeuron step for a [..., N, d], b [..., d, M]: the totals of
     1[A≠0]·1[B≠0] + 1[A≠0]·1[S_B≠0] + 1[S_A≠0]·1[B≠0] (binary matrix products), against one
     dense product (numel(a)·M MACs)."""
 
@@ -141,7 +140,7 @@ def product_ops(a: torch.Tensor, b: torch.Tensor, sum_a: torch.Tensor, sum_b: to
 
 
 def energy_ratios(sops: list[int], ops: list[int]) -> list[float]:
-    """E_SNN/E_ANN after each step t (§2.5): t · (E_AC/E_MAC) · Σ_{i≤t} SOP_i / Σ_{i≤t} OPS_i."""
+    """E_SNN/E_ANN after each step t: t · (E_AC/E_MAC) · Σ_{i≤t} SOP_i / Σ_{i≤t} OPS_i."""
     ratios, sop_total, ops_total = [], 0, 0
     for t, (sop, op) in enumerate(zip(sops, ops), start=1):
         sop_total, ops_total = sop_total + sop, ops_total + op
@@ -153,7 +152,7 @@ def energy_ratios(sops: list[int], ops: list[int]) -> list[float]:
 
 
 class ECM(nn.Module):
-    """Expectation compensation module around a nonlinearity f (LayerNorm, softmax, GELU; §2.3):
+    """Expectation compensation module around a nonlinearity f (LayerNorm, softmax, GELU):
     O_t = t·f(S_t/t) − (t−1)·f(S_{t−1}/(t−1)), S_t the sum of its inputs so far."""
 
     def __init__(self, f: nn.Module) -> None:
@@ -173,7 +172,7 @@ class ECM(nn.Module):
 
 class AtNeuron(nn.Module):
     """Matrix product of two spiking operands (q·kᵀ, attn·v) whose output rate is the product
-    of the input rates (§2.3). State: S_A, S_B and P = Σ_{i,j} A_i B_j."""
+    of the input rates. State: S_A, S_B and P = Σ_{i,j} A_i B_j."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -186,7 +185,7 @@ class AtNeuron(nn.Module):
         self.t += 1
         if self.t == 1:
             ab = a @ b
-            # copies: the official first step aliases its inputs as accumulators (§2.3 porting note)
+            # copies: the official first step aliases its inputs as accumulators
             self.sum_a, self.sum_b, self.product = a.clone(), b.clone(), ab.clone()
             return ab
         out, self.sum_a, self.sum_b, self.product = product_step(a, b, self.sum_a, self.sum_b, self.product, self.t)
@@ -194,7 +193,7 @@ class AtNeuron(nn.Module):
 
 
 class MultiThresholdNeuron(nn.Module):
-    """Two-sided multi-threshold neuron (§2.4): v(0) = 0; per step v ← v + x, emit the largest
+    """Two-sided multi-threshold neuron: v(0) = 0; per step v ← v + x, emit the largest
     reached level ±θ·2^k (k = n−1 … 0), soft reset v ← v − spike. The output is the sum of its 2n
     spike trains (at most one non-zero), which the next Linear or product consumes: Σ_k (λ_k W) s_k
     with binary s_k is the paper's parallel parameter normalization."""
@@ -228,7 +227,7 @@ class MultiThresholdNeuron(nn.Module):
 
 
 class ThresholdProbe(nn.Module):
-    """Calibration probe (§2.2 step 2): the identity, recording running means over batches of
+    """Calibration probe: the identity, recording running means over batches of
     the percentile pair, θ ← (θ·m + p)/(m + 1) after m batches."""
 
     def __init__(self, place: str, percentile: float) -> None:
@@ -325,7 +324,7 @@ class SpikingTransformer(nn.Module):
     @torch.no_grad()
     def forward_steps(self, x: torch.Tensor, T: int) -> torch.Tensor:
         """[T, B, K]: entry t−1 is the running mean of the head output over steps 1..t, i.e. the
-        SNN's prediction at T = t (§2.2 step 4). The same analog image feeds every step."""
+        SNN's prediction at T = t. The same analog image feeds every step."""
         if T < 1:
             raise ValueError(f"T must be at least 1, got {T}")
         self.reset()
@@ -354,7 +353,7 @@ def _ecm(module: nn.Module) -> nn.Module:
 
 def _qkv_linears(attn: TimmAttention | EvaAttention) -> tuple[nn.Linear | None, ...]:
     """(qkv, q_proj, k_proj, v_proj) as plain Linears. EVA keeps its q/v biases outside the fused
-    qkv Linear (k has none); fold them in so every Linear is a module (and counted, §2.5)."""
+    qkv Linear (k has none); fold them in so every Linear is a module (and counted)."""
     q_bias = getattr(attn, "q_bias", None)
     if attn.qkv is None:
         return None, attn.q_proj, attn.k_proj, attn.v_proj
@@ -396,7 +395,7 @@ def _check_supported(model: nn.Module) -> None:
 
 def _spiking_copy(model: nn.Module, make_neuron: NeuronFactory) -> SpikingTransformer:
     """A deep copy of ``model`` (eval mode) with ECMs, AtNeurons and a neuron/probe from
-    ``make_neuron`` at every probe site (§2.2 step 3); the caller's model is left untouched."""
+    ``make_neuron`` at every probe site; the caller's model is left untouched."""
     _check_supported(model)
     net = copy.deepcopy(model).eval()
     net.grad_checkpointing = False  # checkpointed blocks would be re-run, stepping their state twice
@@ -419,7 +418,7 @@ def _inputs(batch) -> torch.Tensor:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable, percentile: float = 0.99) -> dict[str, tuple[float, float]]:
-    """Per-probe thresholds {module path: (θ_p, θ_n)} (§2.2 step 2): each probe's running mean over
+    """Per-probe thresholds {module path: (θ_p, θ_n)}: each probe's running mean over
     ``batches`` (input tensors [B, C, H, W], or (input, label) pairs) of the ``percentile`` pair.
     One ANN pass per batch: at step 1 an ECM is f and an AtNeuron the plain product."""
     if not 0.5 < percentile < 1:
@@ -439,7 +438,7 @@ def calibrate(model: nn.Module, batches: Iterable, percentile: float = 0.99) -> 
 def convert(model: nn.Module, thresholds: dict[str, tuple[float, float]], n_linear: int = 8, n_qkv: int = 8,
             n_softmax: int = 8, softmax_p: float = 0.0125,
             fc2_override: tuple[float, float] | None = None) -> SpikingTransformer:
-    """The ECMT SNN of ``model`` (§2.2 step 3) with thresholds from :func:`calibrate` and the §2.4
+    """The ECMT SNN of ``model`` with thresholds from :func:`calibrate` and the
     settings: n_linear levels at fc_qkv, fc_out, fc1, fc2 and v; n_qkv at q, k; n_softmax and
     θ_p = θ_n = softmax_p at the softmax output. ``fc2_override=(0.25, 0.08)`` reproduces the
     official rule for models named *vit*; None keeps the calibrated fc2 thresholds."""
@@ -455,7 +454,7 @@ def convert(model: nn.Module, thresholds: dict[str, tuple[float, float]], n_line
 
 @torch.no_grad()
 def op_counts(snn: SpikingTransformer, x: torch.Tensor, T: int) -> tuple[list[int], list[int]]:
-    """(SOP_t, OPS_t) for t = 1..T on input x (§2.5): every Linear (the head too) and every
+    """(SOP_t, OPS_t) for t = 1..T on input x: every Linear (the head too) and every
     AtNeuron; patch embedding, norms, softmax, GELU and ECM arithmetic are not counted."""
     counts = [0, 0]
 
@@ -485,5 +484,5 @@ def op_counts(snn: SpikingTransformer, x: torch.Tensor, T: int) -> tuple[list[in
 
 
 def energy_ratio(snn: SpikingTransformer, x: torch.Tensor, T: int) -> list[float]:
-    """E_SNN/E_ANN after each step t = 1..T (§2.5): t · (E_AC/E_MAC) · ΣSOP / ΣOPS."""
+    """E_SNN/E_ANN after each step t = 1..T: t · (E_AC/E_MAC) · ΣSOP / ΣOPS."""
     return energy_ratios(*op_counts(snn, x, T))

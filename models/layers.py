@@ -2,7 +2,7 @@
 
 Activations are time-first, ``[T, B, ...]``. Stateless layers (conv, linear, BN, pooling) run with
 T folded into the batch, ``[T*B, ...]``, so BatchNorm statistics are shared across time steps and
-computed over T*B*(tokens or pixels), exactly as the official code does (architectures.md §1).
+computed over T*B*(tokens or pixels), exactly as the official code does.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Multi-step LIF neurons for spiking transformers (spec: architectures.md §1).
+"""Multi-step LIF neurons for spiking transformers.
 
 One neuron, three phases per time step t (input ``x_seq`` is ``[T, B, ...]``, time first):
 

@@ -1,12 +1,12 @@
 """QCFS: quantization clip-floor-shift activations and their conversion to IF spiking networks.
 
 Bu et al., "Optimal ANN-SNN Conversion for High-accuracy and Ultra-low-latency Spiking Neural
-Networks", ICLR 2022. Spec: conversion.md §1.
+Networks", ICLR 2022.
 
 1. Train an ANN whose every ReLU is a :class:`QCFS` activation (``replace_activations`` does this
    to timm/torchvision CNNs and to the CIFAR VGG/ResNets registered here as ``qcfs_*``).
 2. :func:`to_snn` swaps each QCFS for an integrate-and-fire neuron with threshold θ = λ, soft
-   reset and v(0) = θ/2 (§1.3). The returned :class:`ConvertedSNN` feeds the same analog image at
+   reset and v(0) = θ/2. The returned :class:`ConvertedSNN` feeds the same analog image at
    every step and averages the logits over steps.
 
 The SNN runs with T folded into the batch ([T·B, ...], like our spiking transformers): conv,
@@ -34,7 +34,7 @@ _UNSUPPORTED_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
 
 
 class _FloorSTE(torch.autograd.Function):
-    """⌊x⌋ forward, identity backward (straight-through, §1.1). A Function rather than
+    """⌊x⌋ forward, identity backward (straight-through). A Function rather than
     ``x + (⌊x⌋ − x).detach()``, whose rounding error can push a level just below 0 and out of
     the clamp's gradient range."""
 
@@ -59,7 +59,7 @@ def clamp01(u: torch.Tensor) -> torch.Tensor:
 
 
 class QCFS(nn.Module):
-    """y = λ · clip(⌊x·L/λ + φ⌋ / L, 0, 1), φ = ½, one learnable scalar λ per layer (§1.1).
+    """y = λ · clip(⌊x·L/λ + φ⌋ / L, 0, 1), φ = ½, one learnable scalar λ per layer.
 
     ``gradient="clamp_first"`` (newer official code, default): x/λ is clamped to [0, 1] before
     rounding, so dy/dx = 1 on [0, λ]. ``"round_first"`` (older code): round, then clamp, so
@@ -86,7 +86,7 @@ class QCFS(nn.Module):
 
 
 class IFNeuron(nn.Module):
-    """Integrate-and-fire with soft reset (§1.3): v ← v + z_t; s_t = θ·H(v − θ); v ← v − s_t,
+    """Integrate-and-fire with soft reset: v ← v + z_t; s_t = θ·H(v − θ); v ← v − s_t,
     from v(0) = θ/2. Input and output are [T·B, ...] with T folded into the batch; ``T`` is set
     by :class:`ConvertedSNN` before each forward. Spikes carry the amplitude θ (no weight scaling)."""
 
@@ -120,7 +120,7 @@ class IFNeuron(nn.Module):
 
 
 class _TorchvisionBasicBlockQCFS(nn.Module):
-    """torchvision's BasicBlock applies its one ``relu`` twice; QCFS needs one λ per use (§1.2),
+    """torchvision's BasicBlock applies its one ``relu`` twice; QCFS needs one λ per use,
     so this block keeps the original layers (same state_dict keys) and has ``act1`` after bn1 and
     ``act2`` after the residual sum."""
 
@@ -162,7 +162,7 @@ def _torchvision_block_types() -> dict:
 
 def replace_activations(model: nn.Module, levels: int = 8, threshold: float = 8.0, gradient: str = "clamp_first") -> nn.Module:
     """In place: every ReLU → its own :class:`QCFS`, every MaxPool2d → AvgPool2d with the same
-    kernel/stride/padding (§1.2). Returns ``model``. Raises ``ValueError`` naming the first
+    kernel/stride/padding. Returns ``model``. Raises ``ValueError`` naming the first
     activation that QCFS cannot replace (GELU, SiLU, ...)."""
     make_act = lambda: QCFS(levels, threshold, gradient=gradient)  # noqa: E731
     block_types = _torchvision_block_types()
@@ -237,7 +237,7 @@ class ConvertedSNN(nn.Module):
         for neuron in self.neurons:
             neuron.T = T
         B = x.shape[0]
-        steps = x.unsqueeze(0).expand(T, *x.shape).reshape(T * B, *x.shape[1:])  # constant input (§1.3)
+        steps = x.unsqueeze(0).expand(T, *x.shape).reshape(T * B, *x.shape[1:])  # constant input
         out = self.network(steps).reshape(T, B, -1)
         counts = torch.arange(1, T + 1, device=out.device, dtype=out.dtype).view(T, 1, 1)
         return out.cumsum(0) / counts
@@ -248,7 +248,7 @@ class ConvertedSNN(nn.Module):
 
 def to_snn(model: nn.Module, T: int = 4) -> ConvertedSNN:
     """Copy of a trained QCFS ``model`` with each QCFS → IFNeuron(θ = λ); BN stays an eval-mode
-    affine map and biases are injected every step (§1.3). The input model is not modified.
+    affine map and biases are injected every step. The input model is not modified.
     Raises ``ValueError`` naming the first layer an IF network cannot run."""
     network = copy.deepcopy(model).eval()
     if not any(isinstance(m, QCFS) for m in network.modules()):
@@ -302,7 +302,7 @@ def _take_intermediates(model: nn.Module, x: torch.Tensor, indices, stop_early: 
 
 class VGG(nn.Module):
     """VGG-16 for 32×32 inputs: conv3×3 → BN → act per layer, pooling after each group; FC1/FC2
-    (4096) with activations and dropout, no activation after the last FC (§1.2).
+    (4096) with activations and dropout, no activation after the last FC.
     Feature levels: the output of every pooling layer."""
 
     def __init__(self, layers=VGG16_LAYERS, num_classes: int = 10, in_chans: int = 3, img_size: int = 32,

@@ -1,7 +1,7 @@
 """QKFormer: Hierarchical Spiking Transformer using Q-K Attention (Zhou et al., NeurIPS 2024).
 
-Paper: https://arxiv.org/abs/2403.16552. Semantics follow the official code exactly (spec:
-more_families.md §3): a hierarchical spiking transformer with three stages (two on DVS), each
+Paper: https://arxiv.org/abs/2403.16552. Semantics follow the official code exactly: a
+hierarchical spiking transformer with three stages (two on DVS), each
 opened by a patch embedding with a strided 1×1 shortcut, **Q-K token attention** in the early
 stages, Spikformer SSA in the last one, and spike-sum (SEW-ADD) residuals.
 
@@ -28,7 +28,7 @@ kind        stages (dim @ reduction)      heads      SSA attribute    MLP names
 "dvs"       D/2 @8 ×1, D @16 ×1           16         ``ssa``          ``mlp1_*``, ``mlp2_*``
 ==========  ============================  =========  ===============  ======================
 
-**Batch coupling (§3.4).** The official SSA applies its final ``proj_lif`` to the tensor with T
+**Batch coupling.** The official SSA applies its final ``proj_lif`` to the tensor with T
 folded into the batch, [T·B, D, N]; the multi-step neuron then runs over the flattened index
 k = t·B + b, so the membrane carries from one sample to the next and outputs depend on the rest of
 the batch (in eval mode too). The published accuracies were measured that way.
@@ -67,7 +67,7 @@ _DEFAULT_HEADS = {"imagenet": 8, "cifar": 8, "dvs": 16}
 
 
 def _stage_depths(kind: str, depth: int) -> tuple[int, ...]:
-    """Blocks per stage (§3.1): ImageNet 1 + 2 + (L−3), CIFAR 1 + 1 + (L−2), DVS 1 + 1."""
+    """Blocks per stage: ImageNet 1 + 2 + (L−3), CIFAR 1 + 1 + (L−2), DVS 1 + 1."""
     if kind == "dvs":
         return (1, 1)
     first = (1, 2) if kind == "imagenet" else (1, 1)
@@ -81,7 +81,7 @@ def _stage_depths(kind: str, depth: int) -> tuple[int, ...]:
 
 
 class QKTokenAttention(nn.Module):
-    """Q-K token attention (official ``Token_QK_Attention``, §3.3) on the stream [T, B, C, H, W].
+    """Q-K token attention (official ``Token_QK_Attention``) on the stream [T, B, C, H, W].
 
     q = SN(BN(Conv1d(x))), k likewise (Conv1d k1 without bias, BN1d, LIF v_th 1); per head the
     channel sum of q at each token goes through ``attn_lif`` (v_th 0.5): a binary token mask
@@ -113,13 +113,13 @@ class QKTokenAttention(nn.Module):
 
 
 class QKFormerSelfAttention(nn.Module):
-    """Spikformer SSA of the last stage (official ``Spiking_Self_Attention``, §3.3).
+    """Spikformer SSA of the last stage (official ``Spiking_Self_Attention``).
 
     q/k/v = SN(BN1d(Conv1d k1, no bias)) on the stream; per head x = (Q (Kᵀ V)) · 0.125;
     ``attn_lif`` (v_th 0.5) → ``proj_conv`` (bias) → ``proj_bn`` → ``proj_lif``.
 
     ``legacy_tb_lif=True``: ``proj_lif`` runs over the [T·B, C, N] tensor, time index k = t·B + b
-    and state [C, N], exactly as the official code (batch-coupled, §3.4); ``False``: per sample
+    and state [C, N], exactly as the official code (batch-coupled); ``False``: per sample
     over [T, B, C, N]. The official output reshape is (…, W, H), which only works for square
     inputs (a non-square one fails in the residual sum); we unflatten to (…, H, W), the same
     tensor for square inputs.
@@ -219,7 +219,7 @@ class SSABlock(nn.Module):
 
 @fx_leaf
 class SpikingPatchEmbed(nn.Module):
-    """Patch embedding with a spiking shortcut (§3.2), [T, B, C_in, H, W] -> [T, B, E, H/r, W/r].
+    """Patch embedding with a spiking shortcut, [T, B, C_in, H, W] -> [T, B, E, H/r, W/r].
 
     ``stages``: (name, in, out, pool name or None) per main-branch stage, each
     ``{name}_conv`` (3×3, no bias) → ``{name}_bn`` → [pool: MaxPool(3,2,1) of the BN output] →
@@ -258,7 +258,7 @@ class SpikingPatchEmbed(nn.Module):
 
 
 class PatchEmbedInit(SpikingPatchEmbed):
-    """First patch embedding (official ``PatchEmbedInit``) of stage dim ``dim`` = E (§3.2).
+    """First patch embedding (official ``PatchEmbedInit``) of stage dim ``dim`` = E.
 
     - imagenet: proj E/2 (pool) → proj1 E (pool) → proj2 E; shortcut E/2→E stride 2 from proj.
     - cifar: proj E/2 → proj1 E, no pooling; shortcut E/2→E stride 1 from proj.
@@ -282,7 +282,7 @@ class PatchEmbedInit(SpikingPatchEmbed):
 
 class PatchEmbeddingStage(SpikingPatchEmbed):
     """Patch embedding between stages (official ``PatchEmbeddingStage``), E/2 → E channels, /2
-    spatially; the shortcut (1×1, stride 2) reads the integer-valued stream itself (§3.2).
+    spatially; the shortcut (1×1, stride 2) reads the integer-valued stream itself.
 
     - imagenet: ``proj3`` (``proj3_maxpool``) → ``proj4``.
     - cifar: ``proj3`` → ``proj4`` (``proj4_maxpool``).
@@ -316,7 +316,7 @@ class QKFormer(SpikingClassifier):
         num_heads: heads in every stage (official: ImageNet 6/8/12; CIFAR and DVS hard-code 8
             and 16 whatever is passed — those are our defaults).
         mlp_ratio: hidden width of every MLP (4; 1 for the official CIFAR10-DVS model).
-        legacy_tb_lif: reproduce the official batch-coupled SSA ``proj_lif`` (§3.4) bit for bit.
+        legacy_tb_lif: reproduce the official batch-coupled SSA ``proj_lif`` bit for bit.
             Required to reproduce released checkpoints' accuracy; outputs then depend on the
             other samples in the batch and on their order. Default ``False``: per-sample LIF.
         drop_rate, drop_path_rate: accepted for timm compatibility and unused (the official
@@ -383,7 +383,7 @@ class QKFormer(SpikingClassifier):
             self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f"stage{i}"))
         self.size_multiple = reduction
         self.num_stages = len(dims)
-        # Official registration order (= state_dict order, §3.5).
+        # Official registration order (= state_dict order).
         if kind == "dvs":
             order = ["patch_embed1", "stage1", "patch_embed2", "stage2"]
         else:
@@ -393,7 +393,7 @@ class QKFormer(SpikingClassifier):
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
-    _init_weights = staticmethod(init_linear_and_layernorm)  # §3.3: only the head is a Linear
+    _init_weights = staticmethod(init_linear_and_layernorm)  # only the head is a Linear
 
     @property
     def legacy_tb_lif(self) -> bool:
@@ -432,7 +432,7 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module | None = None) -> di
     Our key names are the official ones, so this unwraps the MAE saver dict (``{"model", "optimizer",
     "epoch", "scaler", "args"}``, ImageNet) or the timm saver dict (``state_dict``/``state_dict_ema``,
     CIFAR/DVS), and strips ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes.
-    Remember ``legacy_tb_lif=True`` to reproduce the released accuracies (§3.4).
+    Remember ``legacy_tb_lif=True`` to reproduce the released accuracies.
     """
     return layers.checkpoint_filter_fn(state_dict, model)
 

@@ -1,4 +1,4 @@
-"""The SDSA operator of the Spike-driven Transformer (SDT v1), fused (spec: architectures.md, SDSA).
+"""The SDSA operator of the Spike-driven Transformer (SDT v1), fused.
 
     O = Q ⊙ LIF(Σ_N K ⊙ V)        Q, K, V spikes [T, B, C, N]; the LIF runs over T per (b, c)
 

@@ -1,7 +1,6 @@
 """Spike-driven Transformer (SDT v1; Yao et al., NeurIPS 2023).
 
-Paper: https://arxiv.org/abs/2307.01694. Semantics follow the official code exactly
-(spec: architectures.md §3):
+Paper: https://arxiv.org/abs/2307.01694. Semantics follow the official code exactly:
 
 - MS_SPS patch embedding: conv3×3 → BN → LIF (→ MaxPool) for stages 0–2; stage 3 pools the
   real-valued BN output; a relative position embedding is added to it. No LIF at the output.
@@ -48,7 +47,7 @@ class SpikeDrivenSelfAttention(nn.Module):
     The operator Q ⊙ SN(Σ_N K ⊙ V) runs fused (models/sdsa.py) on [T, B, C, N].
     ``talking_heads`` (Conv1d h→h) exists in the official model but is never called; it is kept
     for strict checkpoint loading. In ``dvs_mode`` a parameter-free 3×3 max-pool is applied to
-    k and v, to k⊙v and to q⊙kv, as in the official CIFAR10-DVS model (§3.3).
+    k and v, to k⊙v and to q⊙kv, as in the official CIFAR10-DVS model.
     """
 
     # Declared for analysis tools (energy, SOPs): which attention product this module computes.
@@ -90,7 +89,7 @@ class SpikeDrivenSelfAttention(nn.Module):
 
 @fx_leaf
 class Block(nn.Module):
-    """x ← MLP(SDSA(x)); each sub-module holds its own residual. No norms, no DropPath (§3.3)."""
+    """x ← MLP(SDSA(x)); each sub-module holds its own residual. No norms, no DropPath."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dvs_mode: bool, lif=LIF):
         super().__init__()
@@ -103,7 +102,7 @@ class Block(nn.Module):
 
 @fx_leaf
 class MembraneShortcutPatchEmbed(nn.Module):
-    """``MS_SPS`` (§3.2): [T, B, C_in, H, W] -> real-valued [T, B, D, H', W'].
+    """``MS_SPS``: [T, B, C_in, H, W] -> real-valued [T, B, D, H', W'].
 
     MaxPool(3,2,1) after stage i iff ``pooling_stat[i] == "1"``; stages 0–2 pool spikes, stage 3
     pools its BN output (x_feat). Output = BN(rpe_conv(LIF(x_feat))) + x_feat.
@@ -152,10 +151,10 @@ class SpikeDrivenTransformer(SpikingClassifier):
     [T, B, C, H, W] (time first). Output: logits [B, K] averaged over time, or per-step
     [T, B, K] with ``per_step_logits=True`` (TET loss).
 
-    Head (§3.4): mean over tokens → head LIF → Linear per step → mean over T after the Linear."""
+    Head: mean over tokens → head LIF → Linear per step → mean over T after the Linear."""
 
     readout, head_neuron = "head_then_mean", "head_lif"
-    unused_parameters = r"^block\.\d+\.attn\.talking_heads\."  # built, never called (§3.3)
+    unused_parameters = r"^block\.\d+\.attn\.talking_heads\."  # built, never called
 
     def __init__(
         self,
@@ -179,7 +178,7 @@ class SpikeDrivenTransformer(SpikingClassifier):
         if embed_dim % 8:
             raise ValueError(f"embed_dim must be a multiple of 8 (MS_SPS widths D/8..D), got {embed_dim}")
         self.check_global_pool(global_pool, "SpikeDrivenTransformer")
-        # drop_path_rate: the official model creates DropPath but never applies it (§3.3).
+        # drop_path_rate: the official model creates DropPath but never applies it.
         self.T, self.in_chans, self.img_size = T, in_chans, img_size
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
@@ -197,7 +196,7 @@ class SpikeDrivenTransformer(SpikingClassifier):
         self.feature_info = self.block_feature_info(embed_dim, self.size_multiple)
         self.apply(self._init_weights)
 
-    _init_weights = staticmethod(init_conv_and_bn)  # §3.5: head Linear and talking_heads keep defaults
+    _init_weights = staticmethod(init_conv_and_bn)  # head Linear and talking_heads keep defaults
 
 
 def _create_sdt(model_name: str, pretrained: bool = False, **kwargs) -> SpikeDrivenTransformer:

@@ -2,7 +2,7 @@
 
 Paper: https://arxiv.org/abs/2404.03663 ("Spike-driven Transformer V2: Meta Spiking Neural Network
 Architecture Inspiring the Design of Next-generation Neuromorphic Chips"). Semantics follow the
-official ``classification/models.py`` exactly (spec: more_families.md §2); key names are the
+official ``classification/models.py`` exactly; key names are the
 official ones, so official checkpoints load with ``strict=True``.
 
 A 4-stage hierarchical network with a real-valued membrane-shortcut stream throughout (every branch
@@ -380,7 +380,7 @@ class SpikeDrivenTransformerV2(SpikingClassifier):
         ]
         self.apply(self._init_weights)
 
-    _init_weights = staticmethod(init_linear_and_layernorm)  # §2.5: only the heads are Linear
+    _init_weights = staticmethod(init_linear_and_layernorm)  # only the heads are Linear
 
     # --- timm API ---
 
@@ -410,7 +410,7 @@ class SpikeDrivenTransformerV2(SpikingClassifier):
     # --- forward (the rest comes from SpikingClassifier) ---
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
-        # §2.5: mean over tokens → head LIF → Linear per step → mean over T.
+        # mean over tokens → head LIF → Linear per step → mean over T.
         x = x.flatten(3).mean(3)  # [T, B, C3]
         x_lif = self.lif(x)
         feats = x_lif if self.head_on_spikes else x

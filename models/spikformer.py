@@ -1,7 +1,7 @@
 """Spikformer: When Spiking Neural Network Meets Transformer (Zhou et al., ICLR 2023).
 
-Paper: https://arxiv.org/abs/2209.15425. Semantics follow the official code exactly
-(spec: architectures.md §2): SPS patch embedding, spiking self-attention (SSA) without softmax,
+Paper: https://arxiv.org/abs/2209.15425. Semantics follow the official code exactly:
+SPS patch embedding, spiking self-attention (SSA) without softmax,
 spike-sum residuals, and a head on spike counts averaged over tokens and time.
 
 The official repository has three model files whose layers differ in type (and so in state_dict
@@ -112,7 +112,7 @@ class SSAConv(nn.Module):
 
 
 class MlpLinear(nn.Module):
-    """MLP of the CIFAR model on [T, B, N, C]: fc1 → BN → LIF → fc2 → BN → LIF (§2.5)."""
+    """MLP of the CIFAR model on [T, B, N, C]: fc1 → BN → LIF → fc2 → BN → LIF."""
 
     def __init__(self, dim: int, hidden: int, lif=LIF) -> None:
         super().__init__()
@@ -141,7 +141,7 @@ class MlpConv(nn.Module):
 @fx_leaf
 class Block(nn.Module):
     """x ← x + SSA(x); x ← x + MLP(x). ``norm1``/``norm2`` exist in the official model but are
-    never applied; they are kept so official checkpoints load with ``strict=True`` (§2.3)."""
+    never applied; they are kept so official checkpoints load with ``strict=True``."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, kind: str, norm_eps: float, lif=LIF):
         super().__init__()
@@ -166,7 +166,7 @@ class Block(nn.Module):
 
 @fx_leaf
 class SpikingPatchSplitting(nn.Module):
-    """SPS (§2.2): four conv3×3 → BN → LIF stages (D/8, D/4, D/2, D), MaxPool(3,2,1) on the spikes
+    """SPS: four conv3×3 → BN → LIF stages (D/8, D/4, D/2, D), MaxPool(3,2,1) on the spikes
     of the stages in ``pool_stages``, then a relative position embedding: out = LIF(BN(conv(x))) + x.
 
     [T, B, C_in, H, W] -> [T, B, D, H', W'] with values in {0, 1, 2}.
@@ -202,7 +202,7 @@ class Spikformer(SpikingClassifier):
     sequences [T, B, C, H, W]. Output: logits [B, K] averaged over time, or per-step [T, B, K]
     with ``per_step_logits=True`` (TET loss)."""
 
-    unused_parameters = r"^(block\.\d+\.norm[12]\.|norm\.|pos_embed$)"  # built, never applied (§2.3, §2.6)
+    unused_parameters = r"^(block\.\d+\.norm[12]\.|norm\.|pos_embed$)"  # built, never applied
 
     def __init__(
         self,
@@ -228,7 +228,7 @@ class Spikformer(SpikingClassifier):
             raise ValueError(f"embed_dim must be a multiple of 8 (SPS widths D/8..D), got {embed_dim}")
         self.check_global_pool(global_pool, "Spikformer")
         # drop_rate / drop_path_rate: accepted for timm compatibility; the official model creates
-        # DropPath but never applies it (§2.3), so they have no effect here either.
+        # DropPath but never applies it, so they have no effect here either.
         self.kind, self.T, self.in_chans, self.img_size = kind, T, in_chans, img_size
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
@@ -239,7 +239,7 @@ class Spikformer(SpikingClassifier):
         self.size_multiple = 2 ** sum(pool_stages)
         norm_eps = 1e-6 if kind == "imagenet" else 1e-5
 
-        if kind == "dvs":  # unused in the official model, kept for strict loading (§2.6)
+        if kind == "dvs":  # unused in the official model, kept for strict loading
             self.pos_embed = nn.Parameter(torch.zeros(1, 64, embed_dim))
         self.patch_embed = SpikingPatchSplitting(in_chans, embed_dim, pool_stages, lif)
         self.block = nn.ModuleList(
@@ -253,7 +253,7 @@ class Spikformer(SpikingClassifier):
         if kind == "dvs":
             trunc_normal_(self.pos_embed, std=0.02)
 
-    _init_weights = staticmethod(init_linear_and_layernorm)  # §2.7
+    _init_weights = staticmethod(init_linear_and_layernorm)
 
     # --- timm model API (the rest comes from SpikingClassifier) ---
     stem_regex = r"^pos_embed|^patch_embed"
@@ -268,7 +268,7 @@ class Spikformer(SpikingClassifier):
 
     def to_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """SPS maps [T, B, D, H', W'] -> the kind's block stream: [T, B, N, D] (cifar), [T, B, D, N]
-        (dvs) or unchanged (imagenet). The head averages over tokens (§2.6)."""
+        (dvs) or unchanged (imagenet). The head averages over tokens."""
         if self.kind == "cifar":
             return x.flatten(3).transpose(-1, -2).contiguous()
         return x.flatten(3) if self.kind == "dvs" else x

@@ -1,7 +1,7 @@
 """Spikingformer: Spike-driven Residual Learning for Transformer-based Spiking Neural Network.
 
 Zhou et al., arXiv:2304.11954 (https://arxiv.org/abs/2304.11954). Semantics follow the official
-code exactly (spec: more_families.md §1): Spikformer's shapes with an SDT-style *membrane
+code exactly: Spikformer's shapes with an SDT-style *membrane
 shortcut*: every branch starts with a LIF and ends with a BN, so every conv except the first sees
 binary spikes and the residual stream between blocks is real-valued.
 
@@ -56,7 +56,7 @@ _NORM_EPS = {"cifar": 1e-5, "imagenet": 1e-5, "dvs": 1e-6}
 
 
 class SpikingformerSelfAttention(nn.Module):
-    """SSA (§1.3) on the real-valued stream [T, B, C, H, W]; returns the BN output (no LIF).
+    """SSA on the real-valued stream [T, B, C, H, W]; returns the BN output (no LIF).
 
     ``proj_lif`` is the *input* LIF (official name). ``order`` is the product order of
     :func:`spikeformers.models.layers.ssa_product`: ``"qk_v_scale"`` (CIFAR, DVS) or
@@ -122,7 +122,7 @@ class SpikingTransformerBlock(nn.Module):
 
 @fx_leaf
 class SpikingTokenizer(nn.Module):
-    """Spiking Tokenizer (§1.2): [T, B, C_in, H, W] -> real-valued BN output [T, B, D, H', W'].
+    """Spiking Tokenizer: [T, B, C_in, H, W] -> real-valued BN output [T, B, D, H', W'].
 
     Five conv3×3 (stride 1, pad 1, no bias) → BN stages, channels D/8, D/4, D/2, D, D. Stage 0 is
     conv → BN; stage i ≥ 1 is LIF → [MaxPool(3,2,1)] → conv → BN, so pooling acts on spikes.
@@ -171,7 +171,7 @@ class Spikingformer(SpikingClassifier):
 
     ``tau`` defaults to the kind's official value (1.5 for DVS, else 2.0) in every LIF.
     ``drop_rate``/``drop_path_rate`` are accepted for timm compatibility and unused: the official
-    model builds DropPath but never applies it (§1.3).
+    model builds DropPath but never applies it.
     """
 
     unused_parameters = r"^block\.\d+\.norm[12]\."  # built, never applied
@@ -220,10 +220,10 @@ class Spikingformer(SpikingClassifier):
         self.feature_info = self.block_feature_info(embed_dim, self.size_multiple)
         self.apply(self._init_weights)
 
-    _init_weights = staticmethod(init_linear_and_layernorm)  # §1.4: only the head is a Linear
+    _init_weights = staticmethod(init_linear_and_layernorm)  # only the head is a Linear
 
 
-# Alternative (Spikformer-style) naming seen in the official energy log (§1.5) -> committed naming.
+# Alternative (Spikformer-style) naming seen in the official energy log -> committed naming.
 _RENAMES = (
     (re.compile(r"^patch_embed\.proj_(conv|bn)(\d)\."), r"patch_embed.proj\2_\1."),
     (re.compile(r"^patch_embed\.rpe_(conv|bn)\."), r"patch_embed.proj4_\1."),
