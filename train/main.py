@@ -11,7 +11,9 @@ EMA, loss), :func:`restore` (resume), then per epoch :func:`train_one_epoch` and
 
 Reproducibility: the sample order and every augmentation are seeded by (seed, epoch, step), so
 ``resume=<checkpoint>`` (or ``resume=auto``) continues exactly where the checkpoint left off.
-SIGTERM/SIGUSR1 (preemption) write a checkpoint at the next step boundary and exit cleanly.
+SIGTERM/SIGUSR1/SIGUSR2 (preemption) and SIGINT (Ctrl-C) write a checkpoint at the next step
+boundary and exit (0 after preemption, 130 after Ctrl-C). One training at a time holds a run folder,
+and a new run never replaces an earlier run's files unless told to (``overwrite=true``).
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Iterator
 
 import hydra
 import numpy as np
@@ -42,14 +45,17 @@ from tqdm import tqdm
 import spikeformers  # noqa: F401  (registers the models)
 from spikeformers.models.factory import build_model
 from spikeformers.models.memory import packed_spikes
-from spikeformers.train.checkpoint import atomic_write, copy_atomic, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from spikeformers.train.checkpoint import (RunFolderError, RunFolderLock, atomic_write, copy_atomic, load_checkpoint,
+                                           previous_run_files, recorded_best_epoch, remove_run_files, rng_state,
+                                           save_checkpoint, set_rng_state)
 from spikeformers.train.data import DataInfo, EpochSeeded, build_datasets, sample_seed
-from spikeformers.train.distributed import Dist, EpochSampler, PreemptionFlag, check_replicas_in_sync, mean_across
+from spikeformers.train.distributed import (Dist, EpochSampler, PreemptionFlag, StopRequested, broadcast_buffers,
+                                            check_replicas_in_sync, gather_floats, mean_across, until_stopped)
 from spikeformers.train.evaluate import ShardSampler, evaluate, to_model_input
 from spikeformers.train.logging import MetricsCsv, NullLogger, WandbLogger, plot_curves
 from spikeformers.train.losses import TrainingLoss, build_loss, build_mixup, distillation_loss, tet_loss
 
-__all__ = ["train", "main", "build", "restore", "train_one_epoch", "end_of_epoch", "Job", "Progress",
+__all__ = ["train", "main", "build", "restore", "train_one_epoch", "end_of_epoch", "Job", "Progress", "Interrupted",
            "build_model", "tet_loss", "distillation_loss"]
 
 log = logging.getLogger(__name__)
@@ -110,8 +116,9 @@ class Progress:
         self.epoch, self.batch, self.loss_sum, self.loss_count = self.epoch + 1, 0, 0.0, 0
 
 
-def checkpoint_state(job: Job, progress: Progress) -> dict:
-    """Everything an exact resume needs, as tensors and plain types (``weights_only`` loading)."""
+def checkpoint_state(job: Job, progress: Progress, partial_by_rank: list[list[float]] | None = None) -> dict:
+    """Everything an exact resume needs, as tensors and plain types (``weights_only`` loading).
+    ``partial_by_rank``: every rank's [loss sum, count] of this epoch so far (DDP)."""
     return {
         "model": job.raw_model.state_dict(),
         "optimizer": job.optimizer.state_dict(),
@@ -120,6 +127,7 @@ def checkpoint_state(job: Job, progress: Progress) -> dict:
         "scaler": job.scaler.state_dict() if job.scaler.is_enabled() else None,
         "epoch": progress.epoch, "batch_in_epoch": progress.batch, "global_step": progress.global_step,
         "partial_loss": [progress.loss_sum, progress.loss_count],  # mid-epoch: this epoch's losses so far
+        "partial_loss_by_rank": partial_by_rank or [[progress.loss_sum, progress.loss_count]],
         "best": progress.best, "history": progress.history,
         "rng": rng_state(),
         "model_name": job.cfg.model.name,
@@ -145,7 +153,7 @@ def build(cfg: DictConfig, ctx: Dist) -> Job:
     amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[tcfg.amp_dtype]
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=tcfg.amp and amp_dtype == torch.float16 and ctx.device.type == "cuda")
     test_loader = DataLoader(test_set, batch_size=cfg.data.eval_batch_size, sampler=ShardSampler(len(test_set), ctx.rank, ctx.world),
-                             num_workers=cfg.data.num_workers)
+                             num_workers=cfg.data.num_workers, worker_init_fn=_ignore_ctrl_c)
     return Job(cfg, ctx, info, raw_model=model, model=model, optimizer=optimizer, scheduler=scheduler,
                num_epochs=num_epochs, ema=ema, loss=loss, mixup=mixup, scaler=scaler,
                autocast=partial(torch.autocast, ctx.device.type, dtype=amp_dtype) if tcfg.amp else nullcontext,
@@ -212,13 +220,29 @@ def restore(job: Job, path: Path | None) -> Progress:
         job.ema.load_state_dict(state["ema"])
     if state.get("scaler") is not None:
         job.scaler.load_state_dict(state["scaler"])  # a no-op when this run's scaler is disabled
-    loss_sum, loss_count = state.get("partial_loss", (0.0, 0))
+    loss_sum, loss_count = _own_partial_loss(state, job.ctx)
     progress = Progress(state["epoch"], state["batch_in_epoch"], state["global_step"], loss_sum, loss_count,
                         state["best"], state["history"])
     set_rng_state(state["rng"])
     if job.ctx.primary:
         print(f"resumed from {path}: epoch {progress.epoch}, batch {progress.batch}")
     return progress
+
+
+def _own_partial_loss(state: dict, ctx: Dist) -> tuple[float, int]:
+    """This rank's share of the interrupted epoch's training loss. On the number of processes the
+    checkpoint was written with, each rank gets its own sums back; on another number, rank 0
+    carries the totals (the epoch's mean needs only those)."""
+    by_rank = state.get("partial_loss_by_rank")
+    if by_rank is None:  # checkpoints written before every rank's sums were kept
+        loss_sum, loss_count = state.get("partial_loss", (0.0, 0))
+        return float(loss_sum), int(loss_count)
+    if len(by_rank) == ctx.world:
+        loss_sum, loss_count = by_rank[ctx.rank]
+        return float(loss_sum), int(loss_count)
+    if not ctx.primary:
+        return 0.0, 0
+    return float(sum(s for s, _ in by_rank)), int(sum(c for _, c in by_rank))
 
 
 def _distribute(model: torch.nn.Module, cfg: DictConfig, ctx: Dist) -> torch.nn.Module:
@@ -257,8 +281,7 @@ def train_one_epoch(job: Job, progress: Progress, stop: PreemptionFlag, report: 
         bar.set_postfix(loss=f"{loss_value:.3f}")
         if preempted:
             bar.close()
-            report.checkpoint(job, progress)
-            report.say(f"preempted: saved {job.last_checkpoint} at epoch {epoch}, step {progress.batch}; exiting")
+            _checkpoint_and_say_why(job, progress, report, stop)
             return False
         if tcfg.save_every_steps and progress.global_step % tcfg.save_every_steps == 0:
             report.checkpoint(job, progress)
@@ -277,7 +300,21 @@ def _epoch_loader(job: Job, progress: Progress) -> DataLoader:
         job.mixup.mixup_enabled = False
     sampler = EpochSampler(len(job.train_set), job.batch_size, cfg.seed, epoch, ctx.rank, ctx.world, progress.batch)
     return DataLoader(job.train_set, batch_size=job.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-                      drop_last=True, pin_memory=ctx.device.type == "cuda")
+                      drop_last=True, pin_memory=ctx.device.type == "cuda", worker_init_fn=_ignore_ctrl_c)
+
+
+def _ignore_ctrl_c(worker_id: int) -> None:
+    """Loader workers share the terminal's process group, so Ctrl-C reaches them too; the main
+    process decides when to stop (after a checkpoint) and shuts them down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _checkpoint_and_say_why(job: Job, progress: Progress, report: Report, stop: PreemptionFlag) -> None:
+    """A stop signal: write ``last.pt`` where the run stands and say so in one line."""
+    report.checkpoint(job, progress)
+    why = "interrupted" if stop.interrupted else "preempted"
+    report.say(f"{why}: saved {job.last_checkpoint} at epoch {progress.epoch}, step {progress.batch} "
+               f"({stop.signal.name}); resume=auto continues; exiting")
 
 
 def _nonfinite_loss(job: Job, loss_value: float, epoch: int, step: int) -> FloatingPointError:
@@ -323,13 +360,16 @@ def _optimizer_step(job: Job, progress: Progress) -> None:
 # --- end of epoch -------------------------------------------------------------------------------
 
 
-def end_of_epoch(job: Job, progress: Progress, report: Report, started: float, train_seconds: float) -> None:
+def end_of_epoch(job: Job, progress: Progress, report: Report, started: float, train_seconds: float,
+                 stop: PreemptionFlag | None = None) -> bool:
     """Evaluate (the EMA weights when enabled), record the epoch's row, checkpoint (``best.pt``
-    too when top-1 improved) and log."""
+    too when top-1 improved) and log. Returns False when a stop signal cut the evaluation short:
+    nothing of it is recorded, and the checkpoint makes a resume redo this evaluation."""
     epoch = progress.epoch
-    with job.autocast():
-        stats = evaluate(job.ema.module if job.ema is not None else job.raw_model, job.test_loader, job.info,
-                         job.ctx.device, world=job.ctx.world)
+    stats = _evaluate_unless_stopped(job, stop)
+    if stats is None:
+        _checkpoint_and_say_why(job, progress, report, stop)
+        return False
     train_loss = mean_across(job.ctx, progress.loss_sum, progress.loss_count)
     row = _epoch_row(job, epoch, train_loss, stats, time.time() - started, train_seconds)
     _warn_silent_layers(job.ctx, epoch, stats)
@@ -339,6 +379,22 @@ def end_of_epoch(job: Job, progress: Progress, report: Report, started: float, t
     progress.history.append(row)
     progress.next_epoch()
     report.epoch_done(job, progress, row, improved)
+    return True
+
+
+def _evaluate_unless_stopped(job: Job, stop: PreemptionFlag | None) -> dict | None:
+    """The test-set statistics of one model on every rank; None when a stop signal arrived first."""
+    model = job.ema.module if job.ema is not None else job.raw_model
+    broadcast_buffers(job.ctx, *([job.raw_model, job.ema.module] if job.ema is not None else [job.raw_model]))
+    batches = loader = job.test_loader
+    if stop is not None:
+        per_rank = len(loader.dataset) // job.ctx.world  # the fewest test samples a rank gets
+        batches = until_stopped(loader, stop, job.ctx, batches_on_every_rank=math.ceil(per_rank / loader.batch_size))
+    try:
+        with job.autocast():
+            return evaluate(model, batches, job.info, job.ctx.device, world=job.ctx.world)
+    except StopRequested:
+        return None
 
 
 def _epoch_row(job: Job, epoch: int, train_loss: float, stats: dict, seconds: float, train_seconds: float) -> dict:
@@ -368,25 +424,29 @@ class Report:
     logger (wandb) and the console; the other ranks write nothing."""
 
     def __init__(self, cfg: DictConfig, ctx: Dist, history: list[dict]) -> None:
-        self.out_dir, self.primary = Path(cfg.output_dir), ctx.primary
+        self.out_dir, self.ctx, self.primary = Path(cfg.output_dir), ctx, ctx.primary
         self.metrics = MetricsCsv(self.out_dir / "metrics.csv", history) if self.primary else None
         self.logger = _make_logger(cfg, self.out_dir) if self.primary else NullLogger()
 
     def checkpoint(self, job: Job, progress: Progress) -> None:
+        """Write ``last.pt``; every rank calls it (each rank's partial loss sums go into it)."""
+        partial_by_rank = gather_floats(self.ctx, [progress.loss_sum, float(progress.loss_count)])
         if self.primary:
-            save_checkpoint(checkpoint_state(job, progress), job.last_checkpoint)
+            save_checkpoint(checkpoint_state(job, progress, partial_by_rank), job.last_checkpoint)
 
     def say(self, message: str) -> None:
         if self.primary:
             print(message, flush=True)
 
     def epoch_done(self, job: Job, progress: Progress, row: dict, improved: bool) -> None:
+        """The checkpoint first, then what derives from it: a kill between these writes leaves
+        files that a resume puts right (:meth:`agree_with_history`)."""
+        self.checkpoint(job, progress)
         if not self.primary:
             return
-        self.metrics.append(row)
-        self.checkpoint(job, progress)
         if improved:
-            copy_atomic(job.last_checkpoint, job.last_checkpoint.with_name("best.pt"))
+            copy_atomic(job.last_checkpoint, self.best_checkpoint)
+        self.metrics.append(row)
         curves = plot_curves(self.metrics.rows, self.out_dir / "curves.png")
         self.logger.log({k: v for k, v in row.items() if k != "epoch"} | {"epoch": row["epoch"]}, step=progress.global_step)
         self.logger.log_image("curves", curves, step=progress.global_step)
@@ -394,28 +454,81 @@ class Report:
                  f"top1 {row['test_top1']:.2f}%  top5 {row['test_top5']:.2f}%  fr {row['firing_rate']:.3f}  "
                  f"({row['epoch_seconds']:.1f}s)")
 
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.out_dir / "checkpoints" / "best.pt"
+
+    def agree_with_history(self, progress: Progress, resumed_from: Path) -> None:
+        """After a resume: ``metrics.csv``, ``curves.png`` and ``best.pt`` as the checkpoint's
+        history says. A kill -9 can land between the files an epoch writes (``last.pt`` is always
+        first), so any of the others may be a step behind, or ahead of the checkpoint."""
+        if not self.primary:
+            return
+        if progress.history or self.metrics.path.exists():
+            self.metrics.rewrite()
+        curves = self.out_dir / "curves.png"
+        if progress.history:
+            plot_curves(self.metrics.rows, curves)
+        else:
+            curves.unlink(missing_ok=True)
+        self._repair_best(progress, resumed_from)
+
+    def _repair_best(self, progress: Progress, resumed_from: Path) -> None:
+        best_epoch = progress.best["epoch"]
+        if best_epoch < 0 or recorded_best_epoch(self.best_checkpoint) == best_epoch:
+            return
+        if (progress.epoch, progress.batch) == (best_epoch + 1, 0):  # the state at the end of the best epoch
+            copy_atomic(resumed_from, self.best_checkpoint)
+            self.say(f"repaired {self.best_checkpoint}: the history's best epoch is {best_epoch}")
+        else:
+            log.warning("%s does not hold the history's best epoch %d and its weights are gone; it is rewritten "
+                        "when top-1 improves", self.best_checkpoint, best_epoch)
+
 
 # --- the run ------------------------------------------------------------------------------------
 
 
+class Interrupted(SystemExit):
+    """Ctrl-C (SIGINT) stopped the run after its checkpoint: exit status 130 (128 + SIGINT), as
+    shells report a program that Ctrl-C ended, and no traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGINT)
+
+
 def train(cfg: DictConfig) -> dict:
-    """Run one training job described by ``cfg``; returns the final/best metrics."""
+    """Run one training job described by ``cfg``; returns the final/best metrics, or
+    ``{"preempted": True, ...}`` after a scheduler's stop signal. Raises :class:`Interrupted`
+    after Ctrl-C and :class:`RunFolderError` when the run folder is busy or holds another run."""
     ctx = Dist(cfg.trainer.device)
+    try:
+        with _claimed_run_folder(cfg, ctx):
+            return _run(cfg, ctx)
+    finally:
+        ctx.close()
+
+
+def _run(cfg: DictConfig, ctx: Dist) -> dict:
     _seed(cfg, ctx)
     if ctx.primary:
         atomic_write(Path(cfg.output_dir) / "config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(cfg, resolve=True)))
     job = build(cfg, ctx)
-    progress = restore(job, _resume_path(cfg.resume, job.last_checkpoint))
+    resume_path = _resume_path(cfg.resume, job.last_checkpoint)
+    progress = restore(job, resume_path)
     job.model = _distribute(job.raw_model, cfg, ctx)
     report = Report(cfg, ctx, progress.history)
+    if resume_path is not None:
+        report.agree_with_history(progress, resume_path)
     stop = PreemptionFlag()
     try:
         while progress.epoch < job.num_epochs:
             started = time.time()
-            if not train_one_epoch(job, progress, stop, report):
+            if not (train_one_epoch(job, progress, stop, report)
+                    and end_of_epoch(job, progress, report, started, time.time() - started, stop)):
                 report.logger.finish()
-                return {"preempted": True, "epoch": progress.epoch}
-            end_of_epoch(job, progress, report, started, train_seconds=time.time() - started)
+                if stop.interrupted:
+                    raise Interrupted
+                return {"preempted": True, "epoch": progress.epoch, "signal": stop.signal.name}
         if ctx.world > 1:
             check_replicas_in_sync(ctx, job.raw_model)
         best = progress.best
@@ -424,7 +537,52 @@ def train(cfg: DictConfig) -> dict:
         return {"best_top1": best["top1"], "best_epoch": best["epoch"], "final_top1": final}
     finally:
         stop.restore()
-        ctx.close()
+
+
+@contextmanager
+def _claimed_run_folder(cfg: DictConfig, ctx: Dist) -> Iterator[None]:
+    """Rank 0 locks the run folder for the life of the run and checks that this command may write
+    into it; every rank learns the outcome, so all of them stop together."""
+    out_dir = Path(cfg.output_dir)
+    with ExitStack() as held:
+        refusal = None
+        if ctx.primary:
+            try:
+                held.enter_context(RunFolderLock(out_dir))
+                _take_over_run_folder(cfg, out_dir)
+            except RunFolderError as err:
+                refusal = err
+        if ctx.any(refusal is not None)[0]:
+            raise refusal or RunFolderError(f"rank 0 could not claim the run folder {out_dir}; see its message")
+        yield
+
+
+def _take_over_run_folder(cfg: DictConfig, out_dir: Path) -> None:
+    """Refuse to write into a folder that holds an earlier run unless this run continues it
+    (``resume=auto`` or one of its checkpoints) or the user said ``overwrite=true``."""
+    resume, overwrite = cfg.resume, bool(cfg.get("overwrite", False))
+    if overwrite and resume not in (None, "", False):
+        raise RunFolderError(f"overwrite=true starts {out_dir} over, so it cannot go with resume={resume}; "
+                             "pass one of them")
+    previous = previous_run_files(out_dir)
+    if not previous:
+        return
+    if overwrite:
+        removed = remove_run_files(out_dir)
+        print(f"overwrite=true: removed the earlier run's {', '.join(removed)} from {out_dir}", flush=True)
+        return
+    if resume == "auto" or _is_inside(resume, out_dir / "checkpoints"):
+        return
+    held = ", ".join(previous)
+    if resume in (None, "", False):
+        raise RunFolderError(f"{out_dir} already holds a run ({held}); continue it with resume=auto, "
+                             "or replace it with overwrite=true")
+    raise RunFolderError(f"{out_dir} already holds a run ({held}) and resume={resume} is not one of its "
+                         "checkpoints; choose another hydra.run.dir, or replace that run with overwrite=true")
+
+
+def _is_inside(path, folder: Path) -> bool:
+    return Path(path).resolve().parent == folder.resolve()
 
 
 def _seed(cfg: DictConfig, ctx: Dist) -> None:
