@@ -611,7 +611,19 @@ def _make_logger(cfg: DictConfig, out_dir: Path):
 
 @hydra.main(config_path="pkg://spikeformers.configs", config_name="train", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float | None:
-    result = train(cfg)
+    """One Hydra job. Before anything is built: the typed config fields, and the model a resume
+    checkpoint holds; the user's mistakes, then and during the run, end as one line
+    (``spikeformers-train: error: ...``, exit 2; docs/errors.md)."""
+    from spikeformers.models.factory import check_same_model, training_checkpoint
+    from spikeformers.train.cli import TRAIN_FIELDS, check_fields, user_errors
+
+    with user_errors("spikeformers-train"):
+        check_fields(cfg, TRAIN_FIELDS)
+        resume = Path(cfg.output_dir) / "checkpoints" / "last.pt" if cfg.resume == "auto" else cfg.resume
+        if resume and (cfg.resume != "auto" or Path(resume).exists()):
+            check_same_model(training_checkpoint(resume, "resume checkpoint"), cfg.model.name, resume,
+                             hint="resume a run of the same model; a new model needs a new run folder")
+        result = train(cfg)
     return result.get("best_top1")
 
 
@@ -620,6 +632,12 @@ def main() -> None:
     skip Hydra's own log files; every rank uses the same ``hydra.run.dir``."""
     if int(os.environ.get("RANK", 0)) > 0:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    from spikeformers.train.cli import TRAIN_FIELDS, check_hydra_overrides, user_errors
+
+    # Overrides Hydra cannot apply, and typed fields that do not fit, end as one line before Hydra
+    # makes a run folder (Hydra itself would print a multi-line block).
+    with user_errors("spikeformers-train"):
+        check_hydra_overrides("train", sys.argv[1:], TRAIN_FIELDS)
     hydra_main()
 
 
