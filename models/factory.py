@@ -70,14 +70,14 @@ def build_model(model_cfg: DictConfig, data: DataShape) -> torch.nn.Module:
 
 def _check_model_name(name: str) -> None:
     """One line for a name timm does not know, with the nearest registered names as the hint."""
-    if timm.is_model(name):
-        return
     arch, _, tag = str(name).partition(".")
+    if timm.is_model(name) and (not tag or name in timm.list_pretrained(f"{arch}.*")):
+        return
     if tag and timm.is_model(arch):
         tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
         raise UserError(f"model {arch} has no pretrained tag {tag!r}",
                         hint=f"tags of {arch}: {', '.join(tags)}" if tags else f"{arch} has no pretrained weights")
-    close = difflib.get_close_matches(str(name), timm.list_models(_OUR_MODELS) + timm.list_models(), n=3)
+    close = difflib.get_close_matches(str(name), list(dict.fromkeys(timm.list_models(_OUR_MODELS) + timm.list_models())), n=3)
     raise UserError(f"unknown model {name!r}", hint=f"did you mean {' or '.join(close)}?" if close else
                     "timm.list_models('sdt*') (or 'spikformer*', 'qkformer*', ...) lists the registered names")
 

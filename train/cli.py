@@ -71,6 +71,10 @@ def user_errors(prog: str, debug: bool = False) -> Iterator[None]:
         if debugging(debug) or not _names_user_input(error):
             raise
         exit_with_error(prog, error)
+    except OSError as error:  # naming a path (full disk, read-only folder): the user can act on it
+        if debugging(debug) or error.filename is None:
+            raise
+        exit_with_error(prog, error)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -1,9 +1,12 @@
 """Evaluation: top-1/top-5, loss and mean firing rate (``spikeformers-eval``).
 
 ``spikeformers-eval checkpoint=PATH`` (or ``--checkpoint PATH``) rebuilds the model and data set
-from the configuration stored in a training checkpoint; ``model.name=NAME model.pretrained=true``
-evaluates registered pretrained weights instead. The other arguments are overrides of
-``configs/eval.yaml``; a ``data=``/``data.*`` override replaces the checkpoint's data set.
+from the configuration stored in a training checkpoint (``data=NAME`` replaces its data set,
+``data.KEY=V`` changes one field of it; ``model`` overrides are refused); a ``.safetensors``
+weights file is evaluated as the model its metadata names (or ``model.name``);
+``model.name=NAME model.pretrained=true`` evaluates registered pretrained weights. With none of
+these there is nothing to evaluate, and the tool says so. The other arguments are overrides of
+``configs/eval.yaml``.
 ``--json FILE`` (or ``json=FILE``) writes
 ``{"model", "checkpoint", "dataset", "top1", "top5", "loss", "firing_rate", "n_samples"}``.
 """
@@ -17,14 +20,14 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Sampler
 
-from spikeformers.models.factory import build_model
+from spikeformers.models.errors import UserError
+from spikeformers.models.factory import build_model, checkpoint_model_name, load_model_weights, read_checkpoint, training_checkpoint
 from spikeformers.models.neurons import LIF
-from spikeformers.models.serialization import atomic_write, load_checkpoint
-from spikeformers.train.cli import USER_ERRORS, compose_config, exit_with_error
+from spikeformers.models.serialization import atomic_write
+from spikeformers.train.cli import EVAL_FIELDS, ArgumentParser, check_fields, compose_config, user_errors
 from spikeformers.train.data import DataInfo, build_datasets
 
 __all__ = ["evaluate", "ShardSampler", "to_model_input", "trained_configs", "run_eval", "main"]
@@ -134,22 +137,21 @@ def trained_configs(state: dict) -> tuple[DictConfig, DictConfig]:
     return trained.model, trained.data
 
 
-def run_eval(cfg: DictConfig, data_from_cli: bool = False) -> dict:
-    """Evaluate the configured checkpoint or pretrained model; print a table; write JSON.
-    ``data_from_cli``: ``cfg.data`` was chosen on the command line and replaces the checkpoint's."""
-    data_cfg, model_cfg, state = cfg.data, cfg.model, None
-    if cfg.checkpoint:
-        state = load_checkpoint(cfg.checkpoint)
-        model_cfg, trained_data = trained_configs(state)
-        data_cfg = cfg.data if data_from_cli else trained_data
+def run_eval(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """Evaluate the configured checkpoint, weights file or pretrained model; print a table; write
+    JSON. ``overrides`` are the command line's: ``data=NAME`` replaces a checkpoint's data set,
+    ``data.KEY=V`` changes only that field of it, and ``model`` overrides, which a checkpoint
+    cannot honour (its model is fixed), are refused."""
+    model_cfg, data_cfg, state = _what_to_evaluate(cfg, list(overrides))
     train_set, test_set, info = build_datasets(data_cfg, augment=False)  # train split: ECMT calibration only
-    if state is not None and state["num_classes"] != info.num_classes:
-        raise ValueError(f"checkpoint {cfg.checkpoint} has {state['num_classes']} classes but data={info.name} has {info.num_classes}")
+    if state is not None and state.get("num_classes", info.num_classes) != info.num_classes:
+        raise UserError(f"checkpoint {cfg.checkpoint} has {state['num_classes']} classes but data={info.name} has {info.num_classes}",
+                        hint="evaluate on the data set the checkpoint was trained on (drop data=...)")
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_model(model_cfg, info).to(device)
     if state is not None:
         weights = state["ema"] if (cfg.use_ema and state.get("ema")) else state["model"]
-        model.load_state_dict(weights)
+        load_model_weights(model, weights, cfg.checkpoint, model_cfg.name)
     if cfg.get("convert"):  # evaluate the ANN converted to an SNN (docs/conversion.md)
         from spikeformers.train.convert import calibration_batches, convert
 
@@ -162,6 +164,83 @@ def run_eval(cfg: DictConfig, data_from_cli: bool = False) -> dict:
     if cfg.json:
         atomic_write(cfg.json, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
     return result
+
+
+def _what_to_evaluate(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, DictConfig, dict | None]:
+    """(model config, data config, training checkpoint or None) for a training checkpoint, a
+    weights file (``.safetensors`` as ``spikeformers-hub download`` prints), or pretrained weights."""
+    if cfg.checkpoint and _is_weights_file(cfg.checkpoint):
+        return _weights_file_configs(cfg, overrides) + (None,)
+    if cfg.checkpoint:
+        state = training_checkpoint(cfg.checkpoint)
+        model_keys = _keys(overrides, "model")
+        if model_keys:
+            raise UserError(f"{model_keys[0]} cannot apply to checkpoint {cfg.checkpoint}: its model "
+                            f"({checkpoint_model_name(state)}) and settings come from the checkpoint",
+                            hint="drop the model override, or evaluate registered weights without a checkpoint")
+        model_cfg, trained_data = trained_configs(state)
+        return model_cfg, _data_on_top_of(trained_data, cfg, overrides), state
+    if not cfg.model.pretrained and not cfg.model.get("checkpoint"):
+        raise UserError("nothing to evaluate: no checkpoint and no pretrained weights (a random network's accuracy means nothing)",
+                        hint="give --checkpoint RUN/checkpoints/best.pt, or model.name=NAME.TAG model.pretrained=true "
+                             "(spikeformers-hub list shows the tags)")
+    return cfg.model, cfg.data, None
+
+
+def _is_weights_file(path: str) -> bool:
+    """A safetensors file, or a plain state dict: weights without a training run's config."""
+    if str(path).endswith(".safetensors"):
+        return True
+    state = read_checkpoint(path)
+    return "config" not in state and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def _weights_file_configs(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, DictConfig]:
+    """The model is ``model.name`` (default: the one the file's metadata names), initialised from
+    the file; the data set is ``data=`` (default: the one the metadata names, else digits)."""
+    meta = _safetensors_metadata(cfg.checkpoint)
+    model_cfg, data_cfg = cfg.model.copy(), cfg.data
+    named = meta.get("model")
+    if named and _keys(overrides, "model.name", "model") and named != model_cfg.name:
+        raise UserError(f"{cfg.checkpoint} holds a {named} model, not the {model_cfg.name} asked for",
+                        hint=f"drop model.name=... or set model.name={named}")
+    model_cfg.name = named or model_cfg.name
+    model_cfg.pretrained, model_cfg.checkpoint = False, str(cfg.checkpoint)
+    if meta.get("T") and not _keys(overrides, "model.T"):
+        model_cfg.T = int(meta["T"])
+    if meta.get("dataset") and not _keys(overrides, "data") and meta["dataset"] != data_cfg.name:
+        data_cfg = compose_config("eval", [f"data={meta['dataset']}"]).data
+    return model_cfg, data_cfg
+
+
+def _safetensors_metadata(path: str) -> dict:
+    if not str(path).endswith(".safetensors"):
+        return {}
+    read_checkpoint(path)  # one line for an empty, truncated or foreign file
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})
+
+
+def _data_on_top_of(trained: DictConfig, cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The checkpoint's data config; ``data=NAME`` replaces it, each ``data.KEY=V`` changes one field."""
+    if "data" in _keys(overrides, "data"):
+        return cfg.data
+    data = trained.copy()
+    for key in _keys(overrides, "data"):
+        OmegaConf.update(data, key.removeprefix("data."), OmegaConf.select(cfg, key), force_add=True)
+    return data
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _keys(overrides: list[str], *groups: str) -> list[str]:
+    """The keys of ``overrides`` that set one of ``groups`` or a field inside it."""
+    keys = [_key(o) for o in overrides if "=" in o]
+    return [k for k in keys if any(k == g or k.startswith(g + ".") for g in groups)]
 
 
 def _result(cfg: DictConfig, model_name: str, dataset: str, stats: dict) -> dict:
@@ -178,21 +257,18 @@ def _result(cfg: DictConfig, model_name: str, dataset: str, stats: dict) -> dict
 def main(argv: list[str] | None = None) -> int:
     """Console script ``spikeformers-eval``: Hydra-style overrides of ``configs/eval.yaml``, plus
     ``--checkpoint FILE`` and ``--json FILE`` for ``checkpoint=FILE`` and ``json=FILE``."""
-    parser = argparse.ArgumentParser(prog="spikeformers-eval", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="spikeformers-eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="overrides of configs/eval.yaml, e.g. checkpoint=best.pt data=cifar10 data.root=/data")
-    parser.add_argument("--checkpoint", help="same as checkpoint=FILE")
+    parser.add_argument("--checkpoint", help="same as checkpoint=FILE: a training checkpoint or a .safetensors weights file")
     parser.add_argument("--json", help="same as json=FILE")
     args = parser.parse_intermixed_args(argv)
-    # A data set chosen on the command line replaces the checkpoint's.
-    data_from_cli = any(o.startswith(("data=", "data.")) for o in args.overrides)
-    try:
+    with user_errors(parser.prog, args.debug):
         cfg = compose_config("eval", args.overrides)
         # file names as given, not parsed by the override grammar
         cfg.checkpoint, cfg.json = args.checkpoint or cfg.checkpoint, args.json or cfg.json
-        run_eval(cfg, data_from_cli=data_from_cli)
-    except (*USER_ERRORS, ConfigCompositionException) as err:
-        exit_with_error(parser.prog, err)
+        check_fields(cfg, EVAL_FIELDS)
+        run_eval(cfg, args.overrides)
     return 0
 
 
