@@ -4,12 +4,17 @@ Guarantees (docs/pretrained.md):
 
 - Bytes are verified against the registry's sha256 **before** they are used, on every use; a
   cached or packaged file that does not match is never loaded.
-- Downloads go to ``<cache>/<file>.part``, resume with an HTTP Range request when possible, and are
-  renamed onto ``<cache>/<file>`` only after the hash matched. A mismatch deletes the partial file
+- Downloads stream into ``<cache>/<file>.part`` as the bytes arrive (flushed piece by piece, so an
+  interrupted transfer keeps everything received), resume with an HTTP Range request when
+  possible, and are renamed onto ``<cache>/<file>`` only after the hash matched. A mismatch deletes the partial file
   and raises :class:`HashMismatchError` with the expected and actual hash.
 - A file lock (``<file>.lock``) serialises concurrent downloads of the same file across processes.
+- A full disk raises :class:`~spikeformers.models.serialization.NoSpaceError` naming the file;
+  the ``.part`` file is kept for the resume.
 - Offline mode (``SPIKEFORMERS_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``) never touches the network.
 - Loading is safe: safetensors, or ``torch.load(weights_only=True)`` for ``.pth``.
+- timm lists (``timm.list_pretrained()``) only the entries that can load on this machine: a
+  registered sha256, or a conversion registered locally when the models were imported.
 
 Cache folder: ``SPIKEFORMERS_CACHE``, else ``$TORCH_HOME/spikeformers``, else
 ``$XDG_CACHE_HOME/torch/spikeformers``, else ``~/.cache/torch/spikeformers``. A mirror
@@ -30,11 +35,11 @@ import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from spikeformers.models.serialization import atomic_write, copy_atomic, load_weights
+from spikeformers.models.serialization import NoSpaceError, atomic_write, copy_atomic, load_weights, reporting_full_disk
 
 __all__ = [
     "Weights", "REGISTRY", "HashMismatchError", "OfflineError", "cache_dir", "sha256_of", "fetch", "download",
-    "load_weights", "resolve", "is_offline",
+    "load_weights", "resolve", "is_offline", "NoSpaceError", "is_loadable", "known_sha256",
 ]  # load_weights lives in models/serialization.py; kept here for existing callers
 
 _logger = logging.getLogger(__name__)
@@ -176,14 +181,19 @@ def download(url: str, dest: str | Path, sha256: str, progress: bool | None = No
     An existing ``dest`` whose hash matches is a cache hit (no network). ``sha256`` is required:
     unverified bytes are never moved into place.
     """
-    from filelock import FileLock
-
     if not sha256:
         raise ValueError(f"refusing to download {url} without a sha256 to verify it against")
     dest = Path(dest)
     if dest.exists() and sha256_of(dest) == sha256:  # cache hit: no lock needed (read-only caches work)
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    with reporting_full_disk(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return _download_locked(url, dest, sha256, progress, retries, timeout)
+
+
+def _download_locked(url: str, dest: Path, sha256: str, progress: bool | None, retries: int, timeout: float) -> Path:
+    from filelock import FileLock
+
     with FileLock(str(dest) + ".lock"):
         if dest.exists():
             if sha256_of(dest) == sha256:
@@ -198,6 +208,8 @@ def download(url: str, dest: str | Path, sha256: str, progress: bool | None = No
             try:
                 _fetch_into(url, part, progress, timeout)
                 break
+            except NoSpaceError:
+                raise  # retrying cannot help
             except urllib.error.HTTPError as err:
                 err.close()
                 last_error = err
@@ -233,13 +245,23 @@ def _fetch_into(url: str, part: Path, progress: bool | None, timeout: float) -> 
         from tqdm import tqdm
 
         show = sys.stderr.isatty() if progress is None else progress
-        with open(part, "ab" if have else "wb") as f, tqdm(total=expected, initial=have, unit="B", unit_scale=True,
-                                                           desc=part.name[:-5], disable=not show) as bar:
-            for chunk in iter(lambda: response.read(_CHUNK), b""):
-                f.write(chunk)
-                bar.update(len(chunk))
+        kept = f"the partial download {part.name} is kept and resumes once there is space"
+        with reporting_full_disk(part, hint=kept), open(part, "ab" if have else "wb") as f, \
+                tqdm(total=expected, initial=have, unit="B", unit_scale=True, desc=part.name[:-5], disable=not show) as bar:
+            _stream(response, f, bar)
     if expected is not None and part.stat().st_size != expected:
         raise _Truncated(f"truncated transfer of {url}: {part.stat().st_size} of {expected} bytes")
+
+
+def _stream(response, f, bar) -> None:
+    """Write each piece as it arrives and flush it, so an interrupted transfer keeps every byte
+    received for the resume. ``read1`` returns what is available instead of blocking for a full
+    block: with ``read(1 MiB)`` a small file cut off mid-way lost all it had received."""
+    read = getattr(response, "read1", response.read)
+    while chunk := read(_CHUNK):
+        f.write(chunk)
+        f.flush()
+        bar.update(len(chunk))
 
 
 # --- registry access ----------------------------------------------------------------------------
@@ -306,12 +328,41 @@ def register_local(name: str, path: str | Path) -> Path:
 HUB_SCHEME = "spikeformers-hub://"
 
 
+def known_sha256(name: str) -> str:
+    """The registry's sha256 of ``name``, else the one recorded by a conversion on this machine
+    (``convert --register``), else ``""``."""
+    if resolve(name).sha256:
+        return resolve(name).sha256
+    try:
+        return _local_registry().get(name, "")
+    except (OSError, ValueError):  # an unreadable local registry must not break importing the models
+        return ""
+
+
+def is_loadable(name: str) -> bool:
+    """Whether ``pretrained=True`` can load ``name`` on this machine."""
+    return bool(known_sha256(name))
+
+
 def timm_cfg(name: str, **kwargs) -> dict:
     """Fields for a ``default_cfgs`` entry whose weights live in this registry. The url is a
-    marker: :func:`build_model` replaces it with the verified local file before timm loads it."""
+    marker: :func:`build_model` replaces it with the verified local file before timm loads it.
+    Entries that cannot load here get no url, so timm does not list them as pretrained
+    (``timm.list_pretrained()``); ``pretrained=True`` on them still explains what to do."""
     w = resolve(name)
-    return dict(url=HUB_SCHEME + name, num_classes=w.num_classes, input_size=w.input_size,
-                notes=f"sha256={w.sha256 or 'unregistered'}; {w.source}", **kwargs)
+    loadable = is_loadable(name)
+    status = f"sha256={w.sha256}" if w.sha256 else ("converted on this machine" if loadable else
+                                                   "NOT LOADABLE until converted: spikeformers-hub convert")
+    return dict(url=HUB_SCHEME + name if loadable else "", num_classes=w.num_classes, input_size=w.input_size,
+                notes=f"{status}; {w.source}", **kwargs)
+
+
+def _registry_name(cfg) -> str | None:
+    """The registry entry behind a resolved timm cfg (``<architecture>.<tag>``), if any."""
+    if (cfg.url or "").startswith(HUB_SCHEME):
+        return cfg.url[len(HUB_SCHEME):]
+    name = f"{cfg.architecture}.{cfg.tag}" if cfg.tag else None
+    return name if name in REGISTRY and not cfg.url else None
 
 
 def build_model(model_cls, model_name: str, pretrained: bool, filter_fn, **kwargs):
@@ -328,8 +379,9 @@ def build_model(model_cls, model_name: str, pretrained: bool, filter_fn, **kwarg
     if pretrained:
         cfg = resolve_pretrained_cfg(model_name, pretrained_cfg=kwargs.pop("pretrained_cfg", None),
                                      pretrained_cfg_overlay=kwargs.pop("pretrained_cfg_overlay", None))
-        if not cfg.file and not cfg.state_dict and (cfg.url or "").startswith(HUB_SCHEME):
-            path = fetch(cfg.url[len(HUB_SCHEME):])
+        registered = _registry_name(cfg)
+        if not cfg.file and not cfg.state_dict and registered:
+            path = fetch(registered)  # verified; explains what to do when nothing is registered
             cfg = replace(cfg, file=str(path), url="")
         elif not (cfg.file or cfg.state_dict or cfg.url or cfg.hf_hub_id):
             raise FileNotFoundError(f"{model_name} has no pretrained weights; available: {', '.join(sorted(REGISTRY))}")

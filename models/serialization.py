@@ -2,34 +2,135 @@
 
 Writes go to a temp file in the same folder and are moved into place with one ``os.replace``, so
 an interrupted write never leaves a half-written file behind; the previous version survives.
-Reads never unpickle arbitrary objects: safetensors, or ``torch.load(weights_only=True)``.
+Temp files are named ``.<target>.<host>.<pid>.<random>.tmp``: a write removes the ones that a
+killed writer (a process of this host that no longer runs) left behind for the same target, and
+never touches one whose writer is alive. A full disk raises :class:`NoSpaceError`, one line
+naming the file. Reads never unpickle arbitrary objects: safetensors, or
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
+import re
 import shutil
+import socket
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-__all__ = ["atomic_write", "copy_atomic", "save_checkpoint", "load_checkpoint", "load_weights"]
+__all__ = [
+    "NoSpaceError", "reporting_full_disk", "atomic_write", "copy_atomic", "remove_stale_temp_files",
+    "save_checkpoint", "load_checkpoint", "load_weights",
+]
+
+
+class NoSpaceError(OSError):
+    """The disk (or quota) is full while writing ``filename``; ``errno`` is ``ENOSPC``."""
+
+    def __init__(self, path: str | Path, hint: str = ""):
+        super().__init__(errno.ENOSPC, "no space left on device", str(path))
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"no space left on device while writing {self.filename}" + (f"; {self.hint}" if self.hint else "")
+
+
+def _is_disk_full(err: BaseException | None) -> bool:
+    """ENOSPC anywhere in the chain: libraries with their own writers (safetensors, torch's C++
+    writer) wrap it in their own exception types and keep only the text."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        text = str(err)
+        if "No space left on device" in text or "os error 28" in text:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+@contextmanager
+def reporting_full_disk(path: str | Path, hint: str = ""):
+    """Turn any full-disk error raised inside into a :class:`NoSpaceError` naming ``path``."""
+    try:
+        yield
+    except NoSpaceError:
+        raise
+    except Exception as err:
+        if not _is_disk_full(err):
+            raise
+        raise NoSpaceError(path, hint) from err
+
+
+# --- temp files ----------------------------------------------------------------------------------
+
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{_HOST}.{os.getpid()}."
+
+
+def _temp_pattern(path: Path) -> re.Pattern:
+    """Temp files of ``path`` written on this host; the pid is what liveness is judged by."""
+    return re.compile(rf"\.{re.escape(path.name)}\.{re.escape(_HOST)}\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp")
+
+
+def _is_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # another thread of ours may be writing
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def remove_stale_temp_files(path: str | Path) -> list[Path]:
+    """Delete the temp files a killed writer of ``path`` left (writer's pid no longer running on
+    this host); returns what was removed. Files of live writers and of other hosts are kept:
+    a pid can only be checked on its own host."""
+    path = Path(path)
+    pattern, removed = _temp_pattern(path), []
+    try:
+        candidates = list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    except OSError:
+        return removed
+    for candidate in candidates:
+        match = pattern.fullmatch(candidate.name)
+        if match and not _is_alive(int(match["pid"])):
+            try:
+                candidate.unlink()
+                removed.append(candidate)
+            except FileNotFoundError:
+                pass  # another process cleaned it up first
+    return removed
+
+
+# --- writes --------------------------------------------------------------------------------------
 
 
 def atomic_write(path: str | Path, write) -> Path:
     """Call ``write(tmp_path)`` and move the result onto ``path`` in one rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with reporting_full_disk(path, hint=f"the previous {path.name} (if any) is unchanged"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(path)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            write(Path(tmp))
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
 
 
@@ -45,7 +146,13 @@ def copy_atomic(src: str | Path, dst: str | Path) -> Path:
 
 def save_checkpoint(state: dict, path: str | Path) -> Path:
     """``torch.save`` of tensors and plain Python types, atomically."""
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+    return atomic_write(path, lambda tmp: _torch_save(state, tmp))
+
+
+def _torch_save(state: dict, tmp: Path) -> None:
+    # through a Python file: torch's own path writer reports a full disk as a RuntimeError without errno
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -2,6 +2,7 @@
 concurrency, the shipped digits checkpoints, official-checkpoint conversion, the CLI."""
 
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ import timm
 import torch
 
 import spikeformers  # noqa: F401
-from spikeformers.models import hub
+from spikeformers.models import hub, serialization
 from spikeformers.train.hub_cli import convert
 from spikeformers.train.hub_cli import main as hub_main
 
@@ -26,10 +27,12 @@ PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
 class Server:
     """Serves ``files`` with Range support. ``truncate_once`` cuts the first full transfer in half;
-    ``ignore_range`` answers every Range request with the whole file (status 200)."""
+    ``stall_once`` sends half of it and then nothing until the server stops; ``ignore_range``
+    answers every Range request with the whole file (status 200)."""
 
     def __init__(self, files: dict[str, bytes]):
         self.files, self.requests, self.truncate_once, self.ignore_range = files, [], False, False
+        self.stall_once, self.stopping = False, threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -63,6 +66,12 @@ class Server:
                     self.wfile.flush()
                     self.connection.shutdown(2)  # close mid-transfer
                     return
+                if server.stall_once and start == 0:
+                    server.stall_once = False
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    server.stopping.wait(30)  # a connection that hangs: the client times out
+                    return
                 self.wfile.write(body)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -74,6 +83,7 @@ class Server:
         return self
 
     def __exit__(self, *exc):
+        self.stopping.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -246,12 +256,14 @@ def test_convert_sdt_timm_saver_checkpoint_round_trip(reference, tmp_path, cache
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
-def test_convert_spikformer_state_dict_and_register(reference, tmp_path, cache):
+def test_convert_spikformer_state_dict_and_register(reference, tmp_path, cache, capsys):
     torch.save(_fake_official(reference, "sdt_imagenet_8_384"), tmp_path / "sdt-8-384.pth")
     card = convert(tmp_path / "sdt-8-384.pth", "sdt_imagenet_8_384", tmp_path, name="sdt_imagenet_8_384.in1k", register=True)
     model = timm.create_model("sdt_imagenet_8_384", pretrained=True)  # found through the local registry
     assert hub.sha256_of(Path(card["cached_as"])) == card["sha256"]
     assert model.num_classes == 1000
+    assert hub.is_loadable("sdt_imagenet_8_384.in1k") and hub_main(["list"]) == 0
+    assert f"sha256  {card['sha256']} (converted on this machine)" in capsys.readouterr().out
     dvs_state = _fake_official(reference, "sf_cifar10dvs_2_256")
     torch.save(dvs_state, tmp_path / "checkpoint_max_test_acc1.pth")
     card = convert(tmp_path / "checkpoint_max_test_acc1.pth", "spikformer_cifar10dvs_2_256", tmp_path)
@@ -281,3 +293,147 @@ def test_cli_list_json_and_verify(tmp_path, capsys, cache):
     assert hub_main(["verify", str(tmp_path / "bad"), "--name", "sdt_tiny.digits"]) == 1
     with pytest.raises(SystemExit):
         hub_main(["download", "no_such_model.x"])
+
+
+# --- streaming, full disk, killed writes, what is advertised --------------------------------------
+
+SMALL = os.urandom(5000)
+SMALL_SHA = hashlib.sha256(SMALL).hexdigest()
+
+
+def test_cut_off_small_file_resumes_from_the_bytes_received(cache):
+    # a 1 MiB blocking read lost everything of a small file cut off mid-way: the retry started at 0
+    with Server({"s.bin": SMALL}) as srv:
+        srv.truncate_once = True
+        assert hub.download(f"{srv.url}/s.bin", cache / "s.bin", SMALL_SHA).read_bytes() == SMALL
+        assert [r for _, r in srv.requests] == [None, f"bytes={len(SMALL) // 2}-"]
+
+
+def test_stalled_small_file_resumes_from_the_bytes_received(cache):
+    # a blocking 1 MiB read waited for bytes that never came, and the timeout discarded what had
+    # arrived (as a kill -9 would): nothing reached the .part file and the retry started at 0
+    with Server({"s.bin": SMALL}) as srv:
+        srv.stall_once = True
+        assert hub.download(f"{srv.url}/s.bin", cache / "s.bin", SMALL_SHA, timeout=1.0).read_bytes() == SMALL
+        assert [r for _, r in srv.requests] == [None, f"bytes={len(SMALL) // 2}-"]
+
+
+def _fill_disk_after_first_piece(response, f, bar):
+    f.write(response.read(100))
+    f.flush()
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_during_download_names_the_file_and_keeps_the_part(cache, monkeypatch):
+    monkeypatch.setattr(hub, "_stream", _fill_disk_after_first_piece, raising=False)
+    with Server({"s.bin": SMALL}) as srv:
+        with pytest.raises(OSError, match="no space left on device") as info:
+            hub.download(f"{srv.url}/s.bin", cache / "s.bin", SMALL_SHA)
+        assert len(srv.requests) == 1, "a full disk is not retried"
+    message = str(info.value)
+    assert info.value.errno == errno.ENOSPC and "\n" not in message and str(cache / "s.bin.part") in message
+    assert not (cache / "s.bin").exists() and (cache / "s.bin.part").read_bytes() == SMALL[:100]
+
+
+def _half_write_then_full(tmp: Path):
+    tmp.write_text("half")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_in_atomic_write_names_the_target_and_keeps_the_previous_file(tmp_path):
+    target = tmp_path / "metrics.csv"
+    target.write_text("previous")
+    with pytest.raises(serialization.NoSpaceError) as info:
+        serialization.atomic_write(target, _half_write_then_full)
+    assert str(info.value).startswith(f"no space left on device while writing {target}") and "\n" not in str(info.value)
+    assert target.read_text() == "previous" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
+
+
+class _FullFile:
+    """A file on a full disk: every write fails with ENOSPC."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def flush(self):
+        pass
+
+
+def test_full_disk_while_saving_a_checkpoint(tmp_path, monkeypatch):
+    target = tmp_path / "last.pt"
+    serialization.save_checkpoint({"epoch": 1}, target)
+    monkeypatch.setattr(serialization, "open", _FullFile, raising=False)  # torch's C++ writer would hide the errno
+    with pytest.raises(serialization.NoSpaceError, match=f"while writing {target}"):
+        serialization.save_checkpoint({"epoch": 2, "w": torch.zeros(1000)}, target)
+    assert serialization.load_checkpoint(target)["epoch"] == 1
+    safetensors_style = RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                     "message: \"No space left on device\" })")
+    with pytest.raises(serialization.NoSpaceError):
+        serialization.atomic_write(tmp_path / "w.safetensors", lambda tmp: (_ for _ in ()).throw(safetensors_style))
+
+
+_SLOW_WRITER = """
+import sys, time
+from pathlib import Path
+from spikeformers.models.serialization import atomic_write
+def write(tmp):
+    tmp.write_text("partial")
+    print("writing", flush=True)
+    time.sleep(600)
+atomic_write(Path(sys.argv[1]), write)
+"""
+
+
+def _temp_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob(".*.tmp"))
+
+
+def test_temp_file_of_a_killed_write_is_removed_by_the_next_write_never_a_live_one(tmp_path):
+    target = tmp_path / "best.pt"
+    writer = subprocess.Popen([sys.executable, "-P", "-c", _SLOW_WRITER, str(target)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        [live] = _temp_files(tmp_path)
+        serialization.atomic_write(tmp_path / "other.pt", lambda tmp: tmp.write_text("x"))
+        serialization.atomic_write(target, lambda tmp: tmp.write_text("mine"))  # same target, writer alive
+        assert live.exists(), "the temp file of a live writer is never deleted"
+    finally:
+        writer.kill()  # kill -9: no cleanup runs
+        writer.wait()
+    assert live.exists()
+    foreign = tmp_path / f".best.pt.otherhost.{writer.pid}.abcdefgh.tmp"  # a pid cannot be checked on another host
+    foreign.write_text("?")
+    serialization.atomic_write(target, lambda tmp: tmp.write_text("again"))
+    assert _temp_files(tmp_path) == [foreign] and target.read_text() == "again"
+
+
+def test_timm_lists_only_pretrained_tags_that_can_load():
+    listed = set(timm.list_pretrained())
+    assert {"sdt_tiny.digits", "spikformer_tiny.digits"} <= listed
+    for name in hub.REGISTRY:
+        assert (name in listed) == hub.is_loadable(name), name
+    assert "sdt_imagenet_8_512.in1k" not in listed and not timm.is_model_pretrained("sdt_imagenet_8_512")
+    assert "NOT LOADABLE" in timm.models.get_pretrained_cfg("sdt_imagenet_8_512.in1k").notes
+
+
+def test_cli_list_shows_full_hashes_files_and_sources(capsys, cache):
+    assert hub_main(["list"]) == 0
+    out = capsys.readouterr().out
+    for w in hub.REGISTRY.values():
+        assert w.name in out and w.source in out and (w.url or w.filename) in out
+        assert (w.sha256 or "convert the official file first") in out
+
+
+def test_docs_table_lists_every_registered_entry():
+    docs = (Path(__file__).parents[1] / "docs" / "pretrained.md").read_text()
+    for w in hub.REGISTRY.values():
+        assert f"| `{w.name}` |" in docs, w.name

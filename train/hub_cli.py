@@ -105,10 +105,18 @@ def _list(args: argparse.Namespace) -> int:
     if args.json:
         print(hub.registry_json())
         return 0
-    for w in hub.REGISTRY.values():
-        top1 = f"{w.top1:.2f}%" if w.top1 is not None else "-"
-        print(f"{w.name:<36} {w.dataset[:24]:<24} T={w.T:<3} top1={top1:<8} sha256={(w.sha256 or 'unregistered')[:12]}")
+    print("\n\n".join(_describe(w) for w in hub.REGISTRY.values()))
     return 0
+
+
+def _describe(w: hub.Weights) -> str:
+    """One entry of ``list``: the full hash, where the file is and where it comes from."""
+    top1 = f"{w.top1:.2f}%" if w.top1 is not None else "-"
+    local = hub.known_sha256(w.name)
+    sha = w.sha256 or (f"{local} (converted on this machine)" if local else
+                       "none registered: convert the official file first (docs/pretrained.md)")
+    return "\n".join([f"{w.name}  {w.dataset}  T={w.T}  top-1 {top1}", f"  sha256  {sha}",
+                      f"  file    {w.record()['url_or_file'] or '-'}", f"  source  {w.source}"])
 
 
 def _download(args: argparse.Namespace) -> int:
