@@ -1,0 +1,475 @@
+"""Spike-driven Transformer v3 / E-SpikeFormer (Yao, Qiu et al., IEEE TPAMI 2025), base models.
+
+Paper: https://arxiv.org/abs/2411.16061 ("Scaling Spike-driven Transformer with Efficient Spike
+Firing Approximation Training"). Semantics follow the official ``Model_Base/models.py``
+(``Spiking_vit_MetaFormer_Spike_SepConv``); key names are the official ones, so official
+checkpoints load with ``strict=True``.
+
+Spike Firing Approximation: every neuron emits an **integer count** S ∈ {0, …, D} per time step
+instead of a binary spike; at inference a count is meant to run as D binary spikes over D virtual
+steps. The released classification code runs one real time step, where the integer neuron is a
+stateless quantiser of its input (no membrane, no reset):
+
+    S(x) = round(clamp(x, 0, D)),   output S/D (hidden neurons) or S (the head neuron)
+
+A 4-stage hierarchical network (the SDT v2 layout) with a real-valued membrane-shortcut stream
+(every branch starts with a neuron and ends with a BN):
+
+- Downsamplers (``downsample*``): [neuron] → Conv2d (with bias) → BN; no neuron in the first one.
+- Two conv stages of ConvBlocks (``ConvBlock*``): x ← x + SepConv₇(x);
+  x ← x + BN(conv3×3(SN(BN(conv3×3(SN(x)))))), hidden 4C, no conv bias.
+  SepConv = SN → 1×1 (C→2C) → BN → SN → depthwise k×k → BN → SN → 1×1 (2C→C) → BN: all three
+  convs fed by a neuron (SDT v2 had none between depthwise and the last 1×1).
+- Two transformer stages (``block3``, ``block4``): x ← x + SepConv₃(x); x ← x + Attn(x);
+  x ← x + MLP(x). Attn: S = SN(x); Q, K = SN(BN(1×1(S))) (C wide), V = SN(BN(1×1(S))) (4C wide);
+  Y = (Q Kᵀ) V · 2/√(C//h) per head, no softmax (an N×N map); out = BN(1×1(SN(Y))), 4C → C.
+  MLP: SN → Conv1d (bias) → BN1d → SN → Conv1d (bias) → BN1d, ratio 4.
+- Head: mean over positions → head neuron (the raw count S, not divided by D) → Linear.
+
+The time axis is the one every family here has: images are repeated over ``T`` (official: 1) and
+every conv/BN runs with T folded into the batch. The neurons are stateless, so T > 1 repeats
+identical steps (the paper's I-LIF over real time steps is not implemented here).
+"""
+
+from __future__ import annotations
+
+import numbers
+import re
+
+import torch
+from timm.models import generate_default_cfgs, register_model
+from torch import nn
+
+from spikeformers.models.base import SpikingClassifier, build_spiking_model, fx_leaf, init_linear_and_layernorm, spiking_cfg
+from spikeformers.models.layers import seq
+
+__all__ = [
+    "SpikeCountNeuron", "SpikeCountFunction", "SepConv", "ConvBlock", "Attention", "Mlp", "TransformerBlock",
+    "DownSampling", "SpikeDrivenTransformerV3",
+]
+
+ROUNDINGS = ("half_even", "half_up")
+GRAD_WINDOWS = ("closed", "open")
+
+
+# --- the integer neuron ---------------------------------------------------------------------------
+
+
+class SpikeCountFunction(torch.autograd.Function):
+    """S = R(clamp(x, 0, D)) with a straight-through gradient inside the window.
+
+    R rounds half to even (``torch.round``) or half up (floor(v + 0.5)); the gradient is
+    ∂S/∂x = 1 for 0 ≤ x ≤ D (``closed``) or 0 < x < D (``open``), else 0. The official large
+    models use half up with the open window; the base models' variant (half to even, closed) is
+    SpikingJelly's ``MultiLevelSpikeCount``, which :class:`SpikeCountNeuron` uses for it.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, max_spike_count: int, half_up: bool, open_window: bool) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.max_spike_count, ctx.open_window = max_spike_count, open_window
+        v = x.clamp(0, max_spike_count)
+        return torch.floor(v + 0.5) if half_up else torch.round(v)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        d = ctx.max_spike_count
+        inside = (x > 0) & (x < d) if ctx.open_window else (x >= 0) & (x <= d)
+        return grad_out * inside.to(grad_out.dtype), None, None, None
+
+
+@fx_leaf
+class SpikeCountNeuron(nn.Module):
+    """Integer spike-count neuron (the paper's I-LIF at one time step): S/n with
+    S = R(clamp(x, 0, D)) ∈ {0, …, D}, n = D (``normalize=True``, hidden neurons) or 1 (the head
+    neuron, whose raw count feeds the classifier).
+
+    Stateless and elementwise: any input shape, e.g. [T, B, C, H, W]; no parameters, no buffers,
+    so it adds nothing to a state_dict. ``max_spike_count`` (D) may be changed after construction.
+
+    Args:
+        max_spike_count: D, the largest count (official 1×4: 4; 1×8: 8).
+        normalize: divide the count by D (every neuron but the head neuron).
+        rounding: ``"half_even"`` (official base models: 0.5 → 0, 2.5 → 2) or ``"half_up"``
+            (official large models: 0.5 → 1, 2.5 → 3).
+        grad_window: where the straight-through gradient 1/n passes: ``"closed"`` [0, D] (base) or
+            ``"open"`` (0, D) (large).
+    """
+
+    def __init__(self, max_spike_count: int = 4, normalize: bool = True, rounding: str = "half_even",
+                 grad_window: str = "closed") -> None:
+        super().__init__()
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        if grad_window not in GRAD_WINDOWS:
+            raise ValueError(f"grad_window must be one of {GRAD_WINDOWS}, got {grad_window!r}")
+        self.max_spike_count = max_spike_count
+        self.normalize, self.rounding, self.grad_window = normalize, rounding, grad_window
+
+    @property
+    def max_spike_count(self) -> int:
+        return self._max_spike_count
+
+    @max_spike_count.setter
+    def max_spike_count(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"max_spike_count (D) must be a positive integer, got {value!r}")
+        self._max_spike_count = int(value)
+
+    def extra_repr(self) -> str:
+        return (f"max_spike_count={self.max_spike_count}, normalize={self.normalize}, "
+                f"rounding={self.rounding!r}, grad_window={self.grad_window!r}")
+
+    def count(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer count S ∈ {0, …, D} (as x's dtype), with its straight-through gradient."""
+        d = self.max_spike_count
+        if self.rounding == "half_even" and self.grad_window == "closed":
+            from spikingjelly.activation_based.quantize import multi_level_spike_count
+
+            return multi_level_spike_count(x, d)  # bit-identical to the official base quantiser
+        return SpikeCountFunction.apply(x, d, self.rounding == "half_up", self.grad_window == "open")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.count(x)
+        return s / self.max_spike_count if self.normalize else s
+
+
+# --- conv stages ----------------------------------------------------------------------------------
+
+
+def conv_bn(conv: nn.Module, channels: int) -> nn.Sequential:
+    """(conv, BN2d) under the official indices ``.0`` / ``.1``."""
+    return nn.Sequential(conv, nn.BatchNorm2d(channels))
+
+
+class SepConv(nn.Module):
+    """Inverted separable conv: SN → 1×1 (C→2C) → BN → SN → depthwise k×k → BN → SN → 1×1 (2C→C) → BN.
+
+    Official keys ``pwconv1.{0,1}``, ``dwconv.{0,1}``, ``pwconv2.{0,1}``; no conv has a bias."""
+
+    def __init__(self, dim: int, kernel_size: int, neuron) -> None:
+        super().__init__()
+        med = 2 * dim
+        self.spike1 = neuron()
+        self.pwconv1 = conv_bn(nn.Conv2d(dim, med, 1, bias=False), med)
+        self.spike2 = neuron()
+        self.dwconv = conv_bn(nn.Conv2d(med, med, kernel_size, padding=kernel_size // 2, groups=med, bias=False), med)
+        self.spike3 = neuron()
+        self.pwconv2 = conv_bn(nn.Conv2d(med, dim, 1, bias=False), dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, B, C, H, W] real -> same
+        x = seq(self.spike1(x), self.pwconv1)
+        x = seq(self.spike2(x), self.dwconv)
+        return seq(self.spike3(x), self.pwconv2)
+
+
+@fx_leaf
+class ConvBlock(nn.Module):
+    """``MS_ConvBlock_spike_SepConv``: x ← x + SepConv₇(x); x ← x + BN(conv3×3(SN(BN(conv3×3(SN(x)))))),
+    hidden 4C, convs without bias."""
+
+    def __init__(self, dim: int, neuron, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.Conv = SepConv(dim, kernel_size=7, neuron=neuron)
+        self.spike1 = neuron()
+        self.conv1 = nn.Conv2d(dim, hidden, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.spike2 = neuron()
+        self.conv2 = nn.Conv2d(hidden, dim, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, B, C, H, W]
+        x = x + self.Conv(x)
+        y = seq(self.spike1(x), self.conv1, self.bn1)
+        return x + seq(self.spike2(y), self.conv2, self.bn2)
+
+
+@fx_leaf
+class DownSampling(nn.Module):
+    """[SN] → Conv2d (with bias) → BN; the first one sees the image and has no neuron."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int,
+                 neuron=None) -> None:
+        super().__init__()
+        self.encode_conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)
+        self.encode_bn = nn.BatchNorm2d(out_channels)
+        self.encode_spike = neuron() if neuron is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, B, C_in, H, W] -> [T, B, C_out, H/s, W/s]
+        if self.encode_spike is not None:
+            x = self.encode_spike(x)
+        return seq(x, self.encode_conv, self.encode_bn)
+
+
+# --- transformer stages ---------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """``MS_Attention_linear`` of the base models, which despite its name builds the N×N map.
+
+    S = SN(x); Q = SN(BN(W_q S)), K = SN(BN(W_k S)) (C wide), V = SN(BN(W_v S)) (4C wide), all 1×1
+    convs without bias; per head (channel c = head·d + j, d = C/h):
+    Y = (Q Kᵀ) V · 2·(C//h)^(-1/2)  (the official scale (C//h)^(-1/2), doubled; no softmax);
+    out = BN(W_proj SN(Y)), 4C → C. Returns the branch only (the block adds x).
+    """
+
+    def __init__(self, dim: int, num_heads: int, neuron, v_ratio: int = 4) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.scale = 2 * (dim // num_heads) ** -0.5
+        self.head_spike = neuron()
+        self.q_conv = conv_bn(nn.Conv2d(dim, dim, 1, bias=False), dim)
+        self.q_spike = neuron()
+        self.k_conv = conv_bn(nn.Conv2d(dim, dim, 1, bias=False), dim)
+        self.k_spike = neuron()
+        self.v_conv = conv_bn(nn.Conv2d(dim, dim * v_ratio, 1, bias=False), dim * v_ratio)
+        self.v_spike = neuron()
+        self.attn_spike = neuron()
+        self.proj_conv = conv_bn(nn.Conv2d(dim * v_ratio, dim, 1, bias=False), dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [T, B, C', H, W] -> [T, B, h, N, C'/h]
+        T, B, C = x.shape[:3]
+        return x.flatten(3).transpose(2, 3).reshape(T, B, -1, self.num_heads, C // self.num_heads).transpose(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, B, C, H, W] real
+        T, B, _, H, W = x.shape
+        s = self.head_spike(x)
+        q = self._heads(self.q_spike(seq(s, self.q_conv)))  # [T, B, h, N, d]
+        k = self._heads(self.k_spike(seq(s, self.k_conv)))
+        v = self._heads(self.v_spike(seq(s, self.v_conv)))  # [T, B, h, N, 4d]
+        y = ((q @ k.transpose(-2, -1)) @ v) * self.scale  # the N×N map first, as the official code
+        y = y.transpose(3, 4).reshape(T, B, -1, H * W)  # [T, B, 4C, N], channel = head·4d + j
+        y = self.attn_spike(y).reshape(T, B, -1, H, W)
+        return seq(y, self.proj_conv)
+
+
+class Mlp(nn.Module):
+    """``MS_MLP``: SN → Conv1d k1 (bias) → BN1d → SN → Conv1d k1 (bias) → BN1d on the [T, B, C, N] tokens."""
+
+    def __init__(self, dim: int, hidden: int, neuron) -> None:
+        super().__init__()
+        self.fc1_spike = neuron()
+        self.fc1_conv = nn.Conv1d(dim, hidden, 1)
+        self.fc1_bn = nn.BatchNorm1d(hidden)
+        self.fc2_spike = neuron()
+        self.fc2_conv = nn.Conv1d(hidden, dim, 1)
+        self.fc2_bn = nn.BatchNorm1d(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, B, C, H, W]
+        shape = x.shape
+        x = seq(self.fc1_spike(x.flatten(3)), self.fc1_conv, self.fc1_bn)  # BN1d over T·B·N
+        x = seq(self.fc2_spike(x), self.fc2_conv, self.fc2_bn)
+        return x.reshape(shape)
+
+
+@fx_leaf
+class TransformerBlock(nn.Module):
+    """``MS_Block_Spike_SepConv``: x ← x + SepConv₃(x); x ← x + Attn(x); x ← x + MLP(x).
+    No norms, no layer scale; DropPath is never applied officially."""
+
+    def __init__(self, dim: int, num_heads: int, neuron, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.conv = SepConv(dim, kernel_size=3, neuron=neuron)
+        self.attn = Attention(dim, num_heads, neuron)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), neuron)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.conv(x)
+        x = x + self.attn(x)
+        return x + self.mlp(x)
+
+
+# --- model ----------------------------------------------------------------------------------------
+
+
+class SpikeDrivenTransformerV3(SpikingClassifier):
+    """E-SpikeFormer base model (official ``Spiking_vit_MetaFormer_Spike_SepConv``). Input: images
+    [B, C, H, W] (repeated over ``T``) or sequences [T, B, C, H, W]; H, W multiples of 16 (no
+    position embedding: any such size). Output: logits [B, K] ([T, B, K] with ``per_step_logits``).
+
+    Args:
+        embed_dim: channels [C0, C1, C2, C3] of the four stages (stage 1 starts at C0/2).
+        depths: blocks of the two transformer stages (official 6, 2; the conv stages are 1+1+2).
+        num_heads: heads of every attention (C2 and C3 must be divisible by it).
+        max_spike_count: D, the largest integer count of every neuron (1×4: 4, 1×8: 8); not stored
+            in the state_dict, so a 1×8 checkpoint needs ``max_spike_count=8``. Change it on a built
+            model with :meth:`set_max_spike_count`.
+        T: time steps for image input (official 1); the neurons are stateless, so steps of an
+            image input are identical.
+        per_step_logits: return per-step logits [T, B, K] (e.g. for a TET loss).
+        img_size, backend, drop_rate, drop_path_rate: accepted for the timm API and the configs;
+            unused (the integer neuron has one implementation; the official blocks never apply
+            DropPath).
+    """
+
+    readout = "head_then_mean"
+    head_neuron = "head_spike"
+    # forward order of the stage modules (official attribute names)
+    _stage_names = ("downsample1_1", "ConvBlock1_1", "downsample1_2", "ConvBlock1_2", "downsample2",
+                    "ConvBlock2_1", "ConvBlock2_2", "downsample3", "block3", "downsample4", "block4")
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: tuple[int, int, int, int] = (64, 128, 256, 360),
+        depths: tuple[int, int] = (6, 2),
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        max_spike_count: int = 4,
+        T: int = 1,
+        per_step_logits: bool = False,
+        backend: str = "auto",
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        embed_dim = tuple(int(c) for c in embed_dim)
+        if len(embed_dim) != 4 or embed_dim[0] % 2:
+            raise ValueError(f"embed_dim must be 4 channel counts [C0, C1, C2, C3] with C0 even, got {embed_dim}")
+        if len(depths) != 2:
+            raise ValueError(f"depths must give the block counts of the two transformer stages, got {depths}")
+        self.check_global_pool(global_pool, "SpikeDrivenTransformerV3")
+        self.T, self.in_chans, self.img_size = T, in_chans, img_size
+        self.num_classes, self.per_step_logits = num_classes, per_step_logits
+        self.embed_dim, self.depths = embed_dim, tuple(depths)
+        self.num_features = self.head_hidden_size = embed_dim[3]
+        self.size_multiple = 16  # four stride-2 downsamplings
+        self.max_spike_count = max_spike_count
+        c0, c1, c2, c3 = embed_dim
+
+        def neuron() -> SpikeCountNeuron:
+            return SpikeCountNeuron(max_spike_count)
+
+        self.downsample1_1 = DownSampling(in_chans, c0 // 2, 7, 2, 3)  # the image: no neuron
+        self.ConvBlock1_1 = nn.ModuleList([ConvBlock(c0 // 2, neuron, mlp_ratio)])
+        self.downsample1_2 = DownSampling(c0 // 2, c0, 3, 2, 1, neuron)
+        self.ConvBlock1_2 = nn.ModuleList([ConvBlock(c0, neuron, mlp_ratio)])
+        self.downsample2 = DownSampling(c0, c1, 3, 2, 1, neuron)
+        self.ConvBlock2_1 = nn.ModuleList([ConvBlock(c1, neuron, mlp_ratio)])
+        self.ConvBlock2_2 = nn.ModuleList([ConvBlock(c1, neuron, mlp_ratio)])
+        self.downsample3 = DownSampling(c1, c2, 3, 2, 1, neuron)
+        self.block3 = nn.ModuleList([TransformerBlock(c2, num_heads, neuron, mlp_ratio) for _ in range(depths[0])])
+        self.downsample4 = DownSampling(c2, c3, 3, 1, 1, neuron)
+        self.block4 = nn.ModuleList([TransformerBlock(c3, num_heads, neuron, mlp_ratio) for _ in range(depths[1])])
+        # the head sees the raw count S ∈ {0..D} of the pooled stream, not S/D
+        self.head_spike = SpikeCountNeuron(max_spike_count, normalize=False)
+        self.head = nn.Linear(c3, num_classes) if num_classes > 0 else nn.Identity()
+        last = lambda blocks, fallback: blocks if len(getattr(self, blocks)) else fallback  # noqa: E731
+        self.feature_info = [
+            dict(num_chs=c0, reduction=4, module="ConvBlock1_2"),
+            dict(num_chs=c1, reduction=8, module="ConvBlock2_2"),
+            dict(num_chs=c2, reduction=16, module=last("block3", "downsample3")),
+            dict(num_chs=c3, reduction=16, module=last("block4", "downsample4")),
+        ]
+        self.apply(init_linear_and_layernorm)  # official: Linear trunc-normal(0.02); convs, BN default
+
+    def set_max_spike_count(self, max_spike_count: int) -> SpikeDrivenTransformerV3:
+        """Set D of every neuron (e.g. 8 for a 1×8 checkpoint); hidden neurons then output S/D with
+        the new D. Returns ``self``."""
+        for module in self.modules():
+            if isinstance(module, SpikeCountNeuron):
+                module.max_spike_count = max_spike_count
+        self.max_spike_count = max_spike_count
+        return self
+
+    # --- timm API ---
+
+    def stages(self):
+        """(name, module) of every downsampler and block, in forward order."""
+        out = []
+        for name in self._stage_names:
+            module = getattr(self, name)
+            if isinstance(module, nn.ModuleList):
+                out += [(f"{name}.{i}", blk) for i, blk in enumerate(module)]
+            else:
+                out.append((name, module))
+        return out
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer groups for layer-wise LR decay: the stem (``downsample1_1``), then every later
+        downsampler and block in forward order (coarse: one group per stage module name); the head
+        comes last."""
+        names = [name for name, _ in self.stages()][1:]
+        if coarse:
+            names = list(dict.fromkeys(n.split(".")[0] for n in names))
+        return dict(stem=r"^downsample1_1\.", blocks=[(rf"^{re.escape(n)}\.", (i,)) for i, n in enumerate(names)])
+
+
+# --- cfgs, registration ---------------------------------------------------------------------------
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> SpikeDrivenTransformerV3:
+    return build_spiking_model(SpikeDrivenTransformerV3, variant, pretrained, **kwargs)
+
+
+def _cfg(**kwargs) -> dict:
+    # crop 224/232: the official eval resizes to 232 (bicubic) and center-crops 224
+    return spiking_cfg(dict(
+        crop_pct=224 / 232,
+        first_conv="downsample1_1.encode_conv",
+        paper_ids="arXiv:2411.16061",
+        paper_name="Scaling Spike-driven Transformer with Efficient Spike Firing Approximation Training "
+                   "(IEEE TPAMI 2025)",
+        origin_url="https://github.com/BICLab/Spike-Driven-Transformer-V3",
+    ), kwargs)
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "sdtv3_tiny": _cfg(num_classes=10, input_size=(1, 32, 32), crop_pct=1.0, mean=(0.5,), std=(0.5,)),
+        "sdtv3_imagenet_t": _cfg(),
+        "sdtv3_imagenet_s": _cfg(),
+        "sdtv3_imagenet_m": _cfg(),
+        "sdtv3_imagenet_l": _cfg(),
+    }
+)
+
+_IMAGENET = dict(img_size=224, num_classes=1000, depths=(6, 2), num_heads=8, mlp_ratio=4.0, T=1)
+
+
+def _imagenet(variant: str, embed_dim: tuple[int, int, int, int], pretrained: bool, kwargs: dict):
+    return _create(variant, pretrained, **dict(dict(_IMAGENET, embed_dim=embed_dim), **kwargs))
+
+
+@register_model
+def sdtv3_tiny(pretrained: bool = False, **kwargs) -> SpikeDrivenTransformerV3:
+    """CPU-sized E-SpikeFormer for the digits default (1×32×32, 10 classes): channels
+    [16, 32, 64, 128], the conv stages, downsamplers and counting head, and **no transformer
+    blocks** (``depths=(0, 0)``; pass ``depths=(1, 1)`` for them): at 32×32 the transformer stages
+    see 2×2 tokens, where the attention of an untrained model rounds to zero counts."""
+    args = dict(img_size=32, in_chans=1, num_classes=10, embed_dim=(16, 32, 64, 128), depths=(0, 0), num_heads=4, T=1)
+    return _create("sdtv3_tiny", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def sdtv3_imagenet_t(pretrained: bool = False, **kwargs) -> SpikeDrivenTransformerV3:
+    """Official ``Efficient_Spiking_Transformer_t``: [24, 48, 96, 128], 2,702,048 params (not reported)."""
+    return _imagenet("sdtv3_imagenet_t", (24, 48, 96, 128), pretrained, kwargs)
+
+
+@register_model
+def sdtv3_imagenet_s(pretrained: bool = False, **kwargs) -> SpikeDrivenTransformerV3:
+    """Official ``Efficient_Spiking_Transformer_s`` (the "5.1M" model): [32, 64, 128, 192], 5,105,608 params."""
+    return _imagenet("sdtv3_imagenet_s", (32, 64, 128, 192), pretrained, kwargs)
+
+
+@register_model
+def sdtv3_imagenet_m(pretrained: bool = False, **kwargs) -> SpikeDrivenTransformerV3:
+    """Official ``Efficient_Spiking_Transformer_m`` (the "10M" model, 78.5% reported): [48, 96, 192, 240],
+    10,023,112 params."""
+    return _imagenet("sdtv3_imagenet_m", (48, 96, 192, 240), pretrained, kwargs)
+
+
+@register_model
+def sdtv3_imagenet_l(pretrained: bool = False, **kwargs) -> SpikeDrivenTransformerV3:
+    """Official ``Efficient_Spiking_Transformer_l`` (the "19M" model, 79.8% reported): [64, 128, 256, 360],
+    18,987,504 params."""
+    return _imagenet("sdtv3_imagenet_l", (64, 128, 256, 360), pretrained, kwargs)
