@@ -367,73 +367,104 @@ def plot_report(report: EnergyReport, out_dir: str | Path) -> list[Path]:
 # --- command line ------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="spikeformers-energy", description="Energy / SOP / firing-rate analysis")
-    parser.add_argument("model", nargs="?", default="sdt_tiny.digits", help="registered name (ARCH or ARCH.TAG)")
+def _parser():
+    from spikeformers.train.cli import ArgumentParser, positive_int
+
+    parser = ArgumentParser(prog="spikeformers-energy", description="Energy / SOP / firing-rate analysis")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="registered name (ARCH or ARCH.TAG; default sdt_tiny.digits, or the checkpoint's model)")
     parser.add_argument("--checkpoint", help="a spikeformers-train checkpoint (model and data come from its config)")
     parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                         help="load registered weights when MODEL has them (default on)")
-    parser.add_argument("--data", default="digits", help="data config name (digits, cifar10, ...)")
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--n", type=int, default=256, help="number of test samples")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--T", type=int, default=None, help="time steps (default: the model's)")
+    parser.add_argument("--no-ema", dest="use_ema", action="store_false",
+                        help="analyse a checkpoint's raw weights, not its EMA weights (used when present, as eval does)")
+    parser.add_argument("--data", default=None, help="data config name (digits, cifar10, ...): default the checkpoint's, else digits")
+    parser.add_argument("--data-root", default=None, help="folder of the data set (--data's, or the checkpoint's)")
+    parser.add_argument("--n", type=positive_int, default=256, help="number of test samples")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="samples per forward pass")
+    parser.add_argument("--T", type=positive_int, default=None, help="time steps, a positive integer (default: the model's)")
     parser.add_argument("--e-mac", type=float, default=4.6, help="pJ per MAC")
     parser.add_argument("--e-ac", type=float, default=0.9, help="pJ per AC")
     parser.add_argument("--first-layer-times-T", action="store_true", help="multiply the first layer's MACs by T")
-    parser.add_argument("--integer-inputs", choices=["nonzero", "sum"], default="nonzero")
-    parser.add_argument("--real-inputs", choices=["ac", "mac"], default="ac")
+    parser.add_argument("--integer-inputs", choices=["nonzero", "sum"], default="nonzero",
+                        help="integer spike sums: one AC per non-zero entry, or one per spike")
+    parser.add_argument("--real-inputs", choices=["ac", "mac"], default="ac",
+                        help="real-valued inputs after the first layer: counted as ACs (papers) or MACs")
     parser.add_argument("--json", help="write the report as JSON")
     parser.add_argument("--csv", help="write the per-layer table as CSV")
     parser.add_argument("--plots", help="folder for firing_rates.png and energy.png")
-    args = parser.parse_args(argv)
-    if args.n < 1 or args.batch_size < 1:
-        parser.error("--n and --batch-size must be positive")
+    return parser
 
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import open_dict
+
+def _model_and_data(args):
+    """(model with its weights, test set, data info, model name) for the command line ``args``;
+    options that cannot apply are refused rather than ignored."""
+    from omegaconf import OmegaConf
 
     import spikeformers  # noqa: F401
-    from spikeformers.models.factory import build_model
-    from spikeformers.train.checkpoint import atomic_write, load_checkpoint
+    from spikeformers.models.errors import UserError
+    from spikeformers.models.factory import build_model, check_same_model, load_model_weights, training_checkpoint
+    from spikeformers.train.cli import compose_config
     from spikeformers.train.data import build_datasets
-    from spikeformers.train.evaluate import to_model_input, trained_configs
+    from spikeformers.train.evaluate import trained_configs
 
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="spikeformers.configs", version_base="1.3"):
-        cfg = compose("train", overrides=[f"data={args.data}"] + ([f"data.root={args.data_root}"] if args.data_root else []))
+    if args.data_root and not args.data and not args.checkpoint:
+        raise UserError("--data-root needs --data (the default digits set is embedded and has no root)",
+                        hint="e.g. --data cifar10 --data-root /data")
     state = None
-    with open_dict(cfg):
-        if args.checkpoint:
-            state = load_checkpoint(args.checkpoint)
-            model_cfg, data_cfg = trained_configs(state)
-            cfg.model, cfg.data = model_cfg, data_cfg if args.data == "digits" else cfg.data
-        else:
-            cfg.model.name = args.model
-            cfg.model.pretrained = bool(args.pretrained and "." in args.model)
-        if args.T:
-            cfg.model.T = args.T
-    try:
-        _, test_set, info = build_datasets(cfg.data)
-        model = build_model(cfg.model, info)
-    except (ValueError, FileNotFoundError) as err:
-        parser.exit(2, f"spikeformers-energy: error: {err}\n")
+    if args.checkpoint:
+        state = training_checkpoint(args.checkpoint)
+        if args.model:
+            check_same_model(state, args.model, args.checkpoint, hint="drop MODEL: a checkpoint's model comes from the checkpoint")
+        model_cfg, data_cfg = trained_configs(state)
+    else:
+        model_cfg = compose_config("train", []).model
+        model_cfg.name = args.model or "sdt_tiny.digits"
+        model_cfg.pretrained = bool(args.pretrained and "." in model_cfg.name)
+        data_cfg = None
+    if args.data or data_cfg is None:
+        data_cfg = compose_config("train", [f"data={args.data or 'digits'}"]).data
+    data_cfg = OmegaConf.create(OmegaConf.to_container(data_cfg))
+    if args.data_root:
+        if data_cfg.name == "digits":
+            raise UserError("--data-root cannot apply to digits (embedded, no root)", hint="drop --data-root")
+        data_cfg.root = args.data_root
+    if args.T:
+        if model_cfg.get("T") is None:
+            raise UserError(f"--T cannot apply to {model_cfg.name}: it is an ANN without time steps",
+                            hint="analyse its converted SNN (spikeformers-convert, docs/conversion.md)")
+        model_cfg.T = args.T
+    _, test_set, info = build_datasets(data_cfg)
+    model = build_model(model_cfg, info)
     if state is not None:
-        model.load_state_dict(state["model"])
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(test_set, range(min(args.n, len(test_set)))),
-                                         batch_size=args.batch_size)
-    report = analyze(model, (to_model_input(x, info, torch.device("cpu")) for x, _ in loader),
-                     EnergyConfig(args.e_mac, args.e_ac, args.first_layer_times_T, args.integer_inputs, args.real_inputs),
-                     model_name=cfg.model.name)
-    print(report.table())
-    if args.json:
-        atomic_write(args.json, lambda p: p.write_text(json.dumps(report.to_json(), indent=2) + "\n"))
-    if args.csv:
-        atomic_write(args.csv, lambda p: p.write_text(report.csv()))
-    if args.plots:
-        for path in plot_report(report, args.plots):
-            print(f"wrote {path}", file=sys.stderr)
+        weights = state["ema"] if (args.use_ema and state.get("ema")) else state["model"]
+        load_model_weights(model, weights, args.checkpoint, model_cfg.name)
+    return model, test_set, info, model_cfg.name
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script ``spikeformers-energy``; the user's mistakes end as one line (docs/errors.md)."""
+    from spikeformers.train.checkpoint import atomic_write
+    from spikeformers.train.cli import user_errors
+    from spikeformers.train.evaluate import to_model_input
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    with user_errors(parser.prog, args.debug):
+        model, test_set, info, name = _model_and_data(args)
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(test_set, range(min(args.n, len(test_set)))),
+                                             batch_size=args.batch_size)
+        report = analyze(model, (to_model_input(x, info, torch.device("cpu")) for x, _ in loader),
+                         EnergyConfig(args.e_mac, args.e_ac, args.first_layer_times_T, args.integer_inputs, args.real_inputs),
+                         model_name=name)
+        print(report.table())
+        if args.json:
+            atomic_write(args.json, lambda p: p.write_text(json.dumps(report.to_json(), indent=2) + "\n"))
+        if args.csv:
+            atomic_write(args.csv, lambda p: p.write_text(report.csv()))
+        if args.plots:
+            for path in plot_report(report, args.plots):
+                print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
