@@ -305,25 +305,24 @@ def spiking_cfg(*layers: dict, **kwargs) -> dict:
     return cfg
 
 
-def init_linear_and_layernorm(m: nn.Module) -> None:
-    """Linear trunc-normal(0.02) with zero bias, LayerNorm 1/0; convs and BN keep PyTorch's defaults
-    (the official init of Spikformer, Spikingformer, QKFormer and SDT v2)."""
-    if isinstance(m, nn.Linear):
+def _trunc_normal_init(m: nn.Module, weighted: type, normed: type) -> None:
+    """``weighted`` layers: weight trunc-normal(0.02), bias 0; ``normed`` layers: weight 1, bias 0."""
+    if isinstance(m, weighted):
         trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
+    elif isinstance(m, normed):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
+
+
+def init_linear_and_layernorm(m: nn.Module) -> None:
+    """Linear trunc-normal(0.02) with zero bias, LayerNorm 1/0; convs and BN keep PyTorch's defaults
+    (the official init of Spikformer, Spikingformer, QKFormer and SDT v2)."""
+    _trunc_normal_init(m, nn.Linear, nn.LayerNorm)
 
 
 def init_conv_and_bn(m: nn.Module) -> None:
     """Conv2d trunc-normal(0.02) with zero bias, BatchNorm2d 1/0; Linear and Conv1d keep PyTorch's
     defaults (the official init of the Spike-driven Transformer v1)."""
-    if isinstance(m, nn.Conv2d):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.BatchNorm2d):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
+    _trunc_normal_init(m, nn.Conv2d, nn.BatchNorm2d)
