@@ -35,7 +35,8 @@ import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from spikeformers.models.serialization import NoSpaceError, atomic_write, copy_atomic, load_weights, reporting_full_disk
+from spikeformers.models.serialization import (NoSpaceError, atomic_write, copy_atomic, load_weights, reporting_full_disk,
+                                               sweep_stale_temp_files)
 
 __all__ = [
     "Weights", "REGISTRY", "HashMismatchError", "OfflineError", "cache_dir", "sha256_of", "fetch", "download",
@@ -188,6 +189,7 @@ def download(url: str, dest: str | Path, sha256: str, progress: bool | None = No
         return dest
     with reporting_full_disk(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale_temp_files(dest.parent)  # what killed writes into the cache left behind
         return _download_locked(url, dest, sha256, progress, retries, timeout)
 
 
@@ -245,7 +247,7 @@ def _fetch_into(url: str, part: Path, progress: bool | None, timeout: float) -> 
         from tqdm import tqdm
 
         show = sys.stderr.isatty() if progress is None else progress
-        kept = f"the partial download {part.name} is kept and resumes once there is space"
+        kept = f"the partial download {part.name} is kept; free some space and run again to resume"
         with reporting_full_disk(part, hint=kept), open(part, "ab" if have else "wb") as f, \
                 tqdm(total=expected, initial=have, unit="B", unit_scale=True, desc=part.name[:-5], disable=not show) as bar:
             _stream(response, f, bar)

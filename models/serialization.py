@@ -24,20 +24,21 @@ from pathlib import Path
 import torch
 
 __all__ = [
-    "NoSpaceError", "reporting_full_disk", "atomic_write", "copy_atomic", "remove_stale_temp_files",
+    "NoSpaceError", "reporting_full_disk", "atomic_write", "copy_atomic", "remove_stale_temp_files", "sweep_stale_temp_files",
     "save_checkpoint", "load_checkpoint", "load_weights",
 ]
 
 
 class NoSpaceError(OSError):
-    """The disk (or quota) is full while writing ``filename``; ``errno`` is ``ENOSPC``."""
+    """The disk (or quota) is full while writing ``filename``; ``errno`` is ``ENOSPC``. The
+    message is one line; ``hint`` says what was kept (the command-line tools print it below)."""
 
-    def __init__(self, path: str | Path, hint: str = ""):
+    def __init__(self, path: str | Path, hint: str | None = None):
         super().__init__(errno.ENOSPC, "no space left on device", str(path))
         self.hint = hint
 
     def __str__(self) -> str:
-        return f"no space left on device while writing {self.filename}" + (f"; {self.hint}" if self.hint else "")
+        return f"no space left on device while writing {self.filename}"
 
 
 def _is_disk_full(err: BaseException | None) -> bool:
@@ -54,7 +55,7 @@ def _is_disk_full(err: BaseException | None) -> bool:
 
 
 @contextmanager
-def reporting_full_disk(path: str | Path, hint: str = ""):
+def reporting_full_disk(path: str | Path, hint: str | None = None):
     """Turn any full-disk error raised inside into a :class:`NoSpaceError` naming ``path``."""
     try:
         yield
@@ -75,9 +76,9 @@ def _temp_prefix(path: Path) -> str:
     return f".{path.name}.{_HOST}.{os.getpid()}."
 
 
-def _temp_pattern(path: Path) -> re.Pattern:
-    """Temp files of ``path`` written on this host; the pid is what liveness is judged by."""
-    return re.compile(rf"\.{re.escape(path.name)}\.{re.escape(_HOST)}\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp")
+def _temp_pattern(name: str) -> re.Pattern:
+    """Temp files of the target ``name`` written on this host; the pid is what liveness is judged by."""
+    return re.compile(rf"\.{name}\.{re.escape(_HOST)}\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp")
 
 
 def _is_alive(pid: int) -> bool:
@@ -93,13 +94,22 @@ def _is_alive(pid: int) -> bool:
 
 
 def remove_stale_temp_files(path: str | Path) -> list[Path]:
-    """Delete the temp files a killed writer of ``path`` left (writer's pid no longer running on
-    this host); returns what was removed. Files of live writers and of other hosts are kept:
-    a pid can only be checked on its own host."""
+    """Delete the temp files a killed writer of the file ``path`` left (writer's pid no longer
+    running on this host); returns what was removed. Files of live writers and of other hosts
+    are kept: a pid can only be checked on its own host."""
     path = Path(path)
-    pattern, removed = _temp_pattern(path), []
+    return _remove_dead_writers(path.parent, f".{glob.escape(path.name)}.*.tmp", _temp_pattern(re.escape(path.name)))
+
+
+def sweep_stale_temp_files(folder: str | Path) -> list[Path]:
+    """:func:`remove_stale_temp_files` for every target in ``folder`` (a run folder or cache at start)."""
+    return _remove_dead_writers(Path(folder), ".*.tmp", _temp_pattern(".+"))
+
+
+def _remove_dead_writers(folder: Path, glob_pattern: str, pattern: re.Pattern) -> list[Path]:
+    removed = []
     try:
-        candidates = list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+        candidates = list(folder.glob(glob_pattern))
     except OSError:
         return removed
     for candidate in candidates:
@@ -119,7 +129,7 @@ def remove_stale_temp_files(path: str | Path) -> list[Path]:
 def atomic_write(path: str | Path, write) -> Path:
     """Call ``write(tmp_path)`` and move the result onto ``path`` in one rename."""
     path = Path(path)
-    with reporting_full_disk(path, hint=f"the previous {path.name} (if any) is unchanged"):
+    with reporting_full_disk(path, hint=f"the previous {path.name}, if any, is unchanged"):
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(path)
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)

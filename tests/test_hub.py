@@ -331,7 +331,8 @@ def test_full_disk_during_download_names_the_file_and_keeps_the_part(cache, monk
             hub.download(f"{srv.url}/s.bin", cache / "s.bin", SMALL_SHA)
         assert len(srv.requests) == 1, "a full disk is not retried"
     message = str(info.value)
-    assert info.value.errno == errno.ENOSPC and "\n" not in message and str(cache / "s.bin.part") in message
+    assert message == f"no space left on device while writing {cache / 's.bin.part'}" and info.value.errno == errno.ENOSPC
+    assert "s.bin.part is kept" in info.value.hint
     assert not (cache / "s.bin").exists() and (cache / "s.bin.part").read_bytes() == SMALL[:100]
 
 
@@ -345,7 +346,7 @@ def test_full_disk_in_atomic_write_names_the_target_and_keeps_the_previous_file(
     target.write_text("previous")
     with pytest.raises(serialization.NoSpaceError) as info:
         serialization.atomic_write(target, _half_write_then_full)
-    assert str(info.value).startswith(f"no space left on device while writing {target}") and "\n" not in str(info.value)
+    assert str(info.value) == f"no space left on device while writing {target}" and "unchanged" in info.value.hint
     assert target.read_text() == "previous" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
 
 
@@ -437,3 +438,17 @@ def test_docs_table_lists_every_registered_entry():
     docs = (Path(__file__).parents[1] / "docs" / "pretrained.md").read_text()
     for w in hub.REGISTRY.values():
         assert f"| `{w.name}` |" in docs, w.name
+
+
+def test_cache_sweep_removes_only_temp_files_of_dead_writers(cache, tmp_path):
+    dead = subprocess.run([sys.executable, "-P", "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid, host = int(dead.stdout), serialization._HOST
+    cache.mkdir(parents=True)
+    stale = cache / f".local_registry.json.{host}.{dead_pid}.abcdefgh.tmp"  # a killed register_local
+    live = cache / f".x.safetensors.{host}.{os.getpid()}.abcdefgh.tmp"
+    foreign = cache / f".x.safetensors.otherhost.{dead_pid}.abcdefgh.tmp"
+    for path in (stale, live, foreign, cache / "w.bin.part"):
+        path.write_text("?")
+    with Server({"s.bin": SMALL}) as srv:
+        hub.download(f"{srv.url}/s.bin", cache / "s.bin", SMALL_SHA)
+    assert not stale.exists() and live.exists() and foreign.exists() and (cache / "w.bin.part").exists()
