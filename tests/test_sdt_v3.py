@@ -383,3 +383,9 @@ def test_registry_and_timm_api():
         SpikeDrivenTransformerV3(embed_dim=(25, 48, 96, 128))
     with pytest.raises(ValueError, match="max_spike_count"):
         timm.create_model("sdtv3_tiny", max_spike_count=0)
+
+
+def test_docs_example_runs_as_written():
+    page = (Path(__file__).parents[1] / "docs" / "sdt_v3.md").read_text()
+    block = page.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(block, "docs/sdt_v3.md", "exec"), {})
