@@ -6,8 +6,8 @@ Guarantees (docs/pretrained.md):
   cached or packaged file that does not match is never loaded.
 - Downloads stream into ``<cache>/<file>.part`` as the bytes arrive (flushed piece by piece, so an
   interrupted transfer keeps everything received), resume with an HTTP Range request when
-  possible, and are renamed onto ``<cache>/<file>`` only after the hash matched. A mismatch deletes the partial file
-  and raises :class:`HashMismatchError` with the expected and actual hash.
+  possible, and are renamed onto ``<cache>/<file>`` only after the hash matched. A mismatch
+  deletes the partial file and raises :class:`HashMismatchError` with the expected and actual hash.
 - A file lock (``<file>.lock``) serialises concurrent downloads of the same file across processes.
 - A full disk raises :class:`~spikeformers.models.serialization.NoSpaceError` naming the file;
   the ``.part`` file is kept for the resume.
