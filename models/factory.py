@@ -26,7 +26,7 @@ from spikeformers.models.errors import UserError
 from spikeformers.models.layers import family_filter, state_dims
 from spikeformers.models.serialization import load_weights
 
-__all__ = ["DataShape", "build_model", "file_overlay", "read_checkpoint", "training_checkpoint",
+__all__ = ["DataShape", "build_model", "check_model_name", "file_overlay", "read_checkpoint", "training_checkpoint",
            "checkpoint_model_name", "check_same_model", "load_model_weights"]
 
 _OUR_MODELS = ["s*former*", "sdt*", "qkformer*", "qcfs*", "atsnn*"]
@@ -47,7 +47,7 @@ class DataShape(Protocol):
 def build_model(model_cfg: DictConfig, data: DataShape) -> torch.nn.Module:
     """Create the timm model for the data set, failing early on incompatible combinations."""
     name = model_cfg.name
-    _check_model_name(name)
+    check_model_name(name)
     _check_input_kind(name, data)
     kwargs = dict(OmegaConf.to_container(model_cfg.args, resolve=True)) if model_cfg.args else {}
     kwargs.update(num_classes=data.num_classes, in_chans=data.in_chans)
@@ -68,7 +68,7 @@ def build_model(model_cfg: DictConfig, data: DataShape) -> torch.nn.Module:
     return model
 
 
-def _check_model_name(name: str) -> None:
+def check_model_name(name: str) -> None:
     """One line for a name timm does not know, with the nearest registered names as the hint."""
     arch, _, tag = str(name).partition(".")
     if timm.is_model(name) and (not tag or name in timm.list_pretrained(f"{arch}.*")):

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from spikeformers.models.factory import build_model
-from spikeformers.models.serialization import atomic_write, load_checkpoint
-from spikeformers.train.cli import USER_ERRORS, compose_config, exit_with_error
+from spikeformers.models.errors import UserError
+from spikeformers.models.factory import build_model, check_model_name, load_model_weights, training_checkpoint
+from spikeformers.models.serialization import atomic_write
+from spikeformers.train.cli import ArgumentParser, compose_config, positive_int, user_errors
 
 __all__ = ["convert", "calibration_batches", "evaluate_conversion", "main"]
 
@@ -125,7 +126,7 @@ def _load_ann(args) -> tuple[nn.Module, str, object, object]:
     from spikeformers.train.data import build_datasets
     from spikeformers.train.evaluate import trained_configs
 
-    state = load_checkpoint(args.checkpoint) if args.checkpoint else None
+    state = training_checkpoint(args.checkpoint) if args.checkpoint else None
     model_cfg, trained_data = trained_configs(state) if state is not None else (None, None)
     data_cfg = _data_config(args.data, trained_data) if args.data or state is None else trained_data
     data_cfg = OmegaConf.create(OmegaConf.to_container(data_cfg))
@@ -135,11 +136,25 @@ def _load_ann(args) -> tuple[nn.Module, str, object, object]:
     if state is None:
         import timm
 
-        ann = timm.create_model(args.model, pretrained=args.pretrained, **(json.loads(args.model_args) if args.model_args else {}))
+        check_model_name(args.model)
+        ann = timm.create_model(args.model, pretrained=args.pretrained, **_model_args(args.model_args))
         return ann, args.model, calib_set, test_set
     ann = build_model(model_cfg, info)
-    ann.load_state_dict(state["ema"] if (args.use_ema and state.get("ema")) else state["model"])
+    load_model_weights(ann, state["ema"] if (args.use_ema and state.get("ema")) else state["model"], args.checkpoint, model_cfg.name)
     return ann, model_cfg.name, calib_set, test_set
+
+
+def _model_args(text: str | None) -> dict:
+    """``--model-args``: a JSON object of constructor arguments."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise UserError(f"--model-args must be a JSON object, got {text!r}", hint="""e.g. --model-args '{"num_classes": 10}'""")
+    return value
 
 
 def _table(result: dict) -> str:
@@ -169,32 +184,32 @@ def _energy(method: str, ann: nn.Module, snn: nn.Module, x: torch.Tensor, steps:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spikeformers-convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("method", choices=METHODS)
+    parser = ArgumentParser(prog="spikeformers-convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("method", choices=METHODS, help="qcfs (IF neurons for a QCFS ANN) or ecmt (a timm ViT)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoints/{best,last}.pt of a spikeformers-train run")
     source.add_argument("--model", help="a timm model name (ECMT: a ViT/DeiT)")
     parser.add_argument("--pretrained", action="store_true", help="with --model: load timm's pretrained weights")
     parser.add_argument("--model-args", default=None, help='JSON constructor arguments for --model, e.g. \'{"num_classes": 10}\'')
     parser.add_argument("--data", default=None, help="data set (digits, cifar10, ...): default the checkpoint's")
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--T", default="1,2,4,8,16,32", help="comma-separated time steps")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--max-samples", type=int, default=None, help="evaluate on the first N test samples")
-    parser.add_argument("--calib-batches", type=int, default=4, help="ECMT: training batches for threshold calibration")
+    parser.add_argument("--data-root", default=None, help="folder of the data set (--data's, or the checkpoint's)")
+    parser.add_argument("--T", default="1,2,4,8,16,32", help="comma-separated time steps, positive integers")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="precision of ANN and SNN")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="samples per forward pass")
+    parser.add_argument("--max-samples", type=positive_int, default=None, help="evaluate on the first N test samples")
+    parser.add_argument("--calib-batches", type=positive_int, default=4, help="ECMT: training batches for threshold calibration")
     parser.add_argument("--percentile", type=float, default=0.99, help="ECMT: calibration percentile")
-    parser.add_argument("--levels", type=int, default=8, help="ECMT: thresholds per neuron (n) at Linear inputs and v")
-    parser.add_argument("--qk-levels", type=int, default=8, help="ECMT: thresholds per neuron at q and k")
-    parser.add_argument("--softmax-levels", type=int, default=8, help="ECMT: thresholds per neuron at the softmax output")
+    parser.add_argument("--levels", type=positive_int, default=8, help="ECMT: thresholds per neuron (n) at Linear inputs and v")
+    parser.add_argument("--qk-levels", type=positive_int, default=8, help="ECMT: thresholds per neuron at q and k")
+    parser.add_argument("--softmax-levels", type=positive_int, default=8, help="ECMT: thresholds per neuron at the softmax output")
     parser.add_argument("--softmax-p", type=float, default=0.0125, help="ECMT: θ_p = θ_n at the softmax output")
     parser.add_argument("--official-vit-fc2", action="store_true",
                         help="ECMT: the official code's fixed fc2 thresholds (0.25, 0.08) for models named *vit*")
     parser.add_argument("--energy", action="store_true", help="also report energy per T on one test batch")
-    parser.add_argument("--no-ema", dest="use_ema", action="store_false")
+    parser.add_argument("--no-ema", dest="use_ema", action="store_false", help="convert a checkpoint's raw weights, not its EMA weights")
     parser.add_argument("--json", default=None, help="write the result as JSON to this file")
     parser.add_argument("--plot", default=None, help="write the accuracy-vs-T plot (PNG) to this file")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     return parser
 
 
@@ -214,7 +229,10 @@ def _checked_steps(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 def run(argv: list[str] | None = None) -> dict:
     """Parse ``argv``, convert, evaluate for every T, print the table; returns the result."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    return _run(parser, parser.parse_args(argv))
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     steps = _checked_steps(parser, args)
     ann, model_name, calib_set, test_set = _load_ann(args)
     calibration = None
@@ -242,10 +260,11 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(argv)
-    except USER_ERRORS as error:
-        exit_with_error("spikeformers-convert", error)
+    """Console script ``spikeformers-convert``; the user's mistakes end as one line (docs/errors.md)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    with user_errors(parser.prog, args.debug):
+        _run(parser, args)
     return 0
 
 

@@ -23,7 +23,7 @@ import torch
 from spikeformers.models import hub
 from spikeformers.models.layers import family_filter, state_dims
 from spikeformers.models.serialization import atomic_write
-from spikeformers.train.cli import USER_ERRORS, exit_with_error
+from spikeformers.train.cli import ArgumentParser, UserError, user_errors
 
 __all__ = ["main", "convert"]
 
@@ -80,7 +80,7 @@ def convert(src: str | Path, model_name: str, out_dir: str | Path = ".", name: s
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spikeformers-hub", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="spikeformers-hub", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_list = sub.add_parser("list", help="registered pretrained weights")
     p_list.add_argument("--json", action="store_true", help="print JSON records")
@@ -147,12 +147,15 @@ _COMMANDS = {"list": _list, "download": _download, "verify": _verify, "convert":
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Console script ``spikeformers-hub``; the user's mistakes, a hash mismatch and an unreachable
+    server end as one line (docs/errors.md)."""
     parser = _parser()
     args = parser.parse_args(argv)
-    try:
-        return _COMMANDS[args.command](args)
-    except (*USER_ERRORS, KeyError, hub.HashMismatchError, ConnectionError) as err:
-        exit_with_error(parser.prog, err)
+    with user_errors(parser.prog, args.debug):
+        try:
+            return _COMMANDS[args.command](args)
+        except (hub.HashMismatchError, ConnectionError) as err:  # not a bug here: say what happened
+            raise UserError(str(err)) from err
 
 
 if __name__ == "__main__":
