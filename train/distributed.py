@@ -1,9 +1,11 @@
-"""Processes: the DDP process group, rank-sharded epoch samples, and preemption signals."""
+"""Processes: the DDP process group, rank-sharded epoch samples, preemption and interrupt
+signals, and what the ranks must agree on (loss sums, BatchNorm statistics)."""
 
 from __future__ import annotations
 
 import os
 import signal
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -11,7 +13,8 @@ from torch.utils.data import Sampler
 
 from spikeformers.train.data import sample_seed
 
-__all__ = ["Dist", "EpochSampler", "PreemptionFlag", "mean_across", "check_replicas_in_sync"]
+__all__ = ["Dist", "EpochSampler", "PreemptionFlag", "StopRequested", "until_stopped", "mean_across", "gather_floats",
+           "broadcast_buffers", "check_replicas_in_sync"]
 
 
 class Dist:
@@ -73,27 +76,63 @@ def mean_across(ctx: Dist, total: float, count: int) -> float:
     return total / max(count, 1)
 
 
+def gather_floats(ctx: Dist, values: list[float]) -> list[list[float]]:
+    """Every rank's ``values``, in rank order (each rank gets the whole list)."""
+    if ctx.world == 1:
+        return [list(values)]
+    mine = torch.tensor(values, dtype=torch.float64)  # CPU: the gloo side of the process group
+    every = [torch.empty_like(mine) for _ in range(ctx.world)]
+    dist.all_gather(every, mine)
+    return [t.tolist() for t in every]
+
+
+@torch.no_grad()
+def broadcast_buffers(ctx: Dist, *modules: torch.nn.Module) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm running statistics).
+
+    DDP keeps parameters identical, but each rank's last forward updates its BatchNorm statistics
+    with its own shard, so the replicas end an epoch with different buffers. Rank 0's are the
+    ones to keep rather than an average: DDP itself makes rank 0's buffers authoritative (it
+    broadcasts them at every training forward, ``broadcast_buffers=True``), and they are what the
+    checkpoint holds, so an uninterrupted run and a resumed one evaluate the same model.
+    """
+    if ctx.world == 1:
+        return
+    for module in modules:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def check_replicas_in_sync(ctx: Dist, model: torch.nn.Module) -> None:
-    """DDP invariant: every rank ends with the same parameters (elementwise max == min)."""
-    flat = torch.cat([p.detach().flatten().double() for p in model.parameters()])
+    """DDP invariant: every rank ends with the same parameters and buffers (elementwise max == min)."""
+    for what, tensors in (("parameters", list(model.parameters())), ("buffers", list(model.buffers()))):
+        if tensors and not _same_on_every_rank(ctx, tensors):
+            raise RuntimeError(f"DDP replicas diverged: {what} differ across {ctx.world} ranks")
+    if ctx.primary:
+        print(f"DDP: parameters identical on {ctx.world} ranks, buffers (BatchNorm statistics) too", flush=True)
+
+
+def _same_on_every_rank(ctx: Dist, tensors: list[torch.Tensor]) -> bool:
+    flat = torch.cat([t.detach().flatten().double() for t in tensors])
     if ctx.device.type != "cuda":
         flat = flat.cpu()
     high, low = flat.clone(), flat.clone()
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    if not torch.equal(high, low):
-        raise RuntimeError(f"DDP replicas diverged: parameters differ across {ctx.world} ranks")
-    if ctx.primary:
-        print(f"DDP: parameters identical on {ctx.world} ranks", flush=True)
+    return torch.equal(high, low)
 
 
 class PreemptionFlag:
-    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next step boundary and exits."""
+    """SIGTERM, SIGUSR1 and SIGUSR2 (schedulers' preemption notices; SIGUSR2 is submitit's
+    default) and SIGINT (Ctrl-C) set a flag; the loop checkpoints at the next step boundary (or
+    stops an evaluation at the next batch) and exits. A second Ctrl-C stops at once, without a
+    checkpoint, as Python's default does."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
     def __init__(self) -> None:
         self.requested = False
+        self.signal: signal.Signals | None = None  # the first one received
         self._previous = {}
         for sig in self.SIGNALS:
             try:
@@ -101,9 +140,39 @@ class PreemptionFlag:
             except ValueError:  # not the main thread
                 pass
 
+    @property
+    def interrupted(self) -> bool:
+        """Stopped by Ctrl-C (SIGINT) rather than by a scheduler."""
+        return self.signal == signal.SIGINT
+
     def _handler(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt
         self.requested = True
+        self.signal = self.signal or signal.Signals(signum)
+
+    def pass_on(self) -> None:
+        """After the checkpoint: hand a preemption signal to the handler it replaced, when that is
+        a Python one. Under submitit that handler requeues the job (and exits); our exit status
+        alone would tell it the job is done."""
+        previous = self._previous.get(self.signal)
+        if self.signal != signal.SIGINT and callable(previous) and previous is not signal.default_int_handler:
+            previous(self.signal, None)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class StopRequested(Exception):
+    """A stop signal arrived while the model was being evaluated."""
+
+
+def until_stopped(loader: Iterable, stop: PreemptionFlag, ctx: Dist, batches_on_every_rank: int) -> Iterator:
+    """The loader's batches until a stop is requested (then :class:`StopRequested`). The ranks
+    agree before each of the first ``batches_on_every_rank`` batches, the ones every rank has, so
+    they stop together; a rank's one extra batch runs without asking."""
+    for index, batch in enumerate(loader):
+        if index < batches_on_every_rank and ctx.any(stop.requested)[0]:
+            raise StopRequested
+        yield batch

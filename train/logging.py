@@ -23,6 +23,10 @@ class MetricsCsv:
 
     def append(self, row: dict) -> None:
         self.rows.append(dict(row))
+        self.rewrite()
+
+    def rewrite(self) -> None:
+        """The file as ``rows`` says (a header alone when there are none)."""
         columns = REQUIRED_COLUMNS + sorted({k for r in self.rows for k in r} - set(REQUIRED_COLUMNS))
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")

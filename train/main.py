@@ -528,6 +528,7 @@ def _run(cfg: DictConfig, ctx: Dist) -> dict:
                 report.logger.finish()
                 if stop.interrupted:
                     raise Interrupted
+                stop.pass_on()
                 return {"preempted": True, "epoch": progress.epoch, "signal": stop.signal.name}
         if ctx.world > 1:
             check_replicas_in_sync(ctx, job.raw_model)
@@ -571,12 +572,12 @@ def _take_over_run_folder(cfg: DictConfig, out_dir: Path) -> None:
         removed = remove_run_files(out_dir)
         print(f"overwrite=true: removed the earlier run's {', '.join(removed)} from {out_dir}", flush=True)
         return
-    if resume == "auto" or _is_inside(resume, out_dir / "checkpoints"):
-        return
     held = ", ".join(previous)
     if resume in (None, "", False):
         raise RunFolderError(f"{out_dir} already holds a run ({held}); continue it with resume=auto, "
                              "or replace it with overwrite=true")
+    if resume == "auto" or _is_inside(resume, out_dir / "checkpoints"):
+        return
     raise RunFolderError(f"{out_dir} already holds a run ({held}) and resume={resume} is not one of its "
                          "checkpoints; choose another hydra.run.dir, or replace that run with overwrite=true")
 
