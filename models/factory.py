@@ -145,6 +145,8 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
 
 def _why_unreadable(err: Exception) -> str:
     text = str(err)
+    if "Unsupported operand" in text or "invalid load key" in text:  # bytes that are no pickle at all
+        return "not a PyTorch or safetensors file"
     if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in text:
         return "it holds pickled Python objects, which are never loaded (spikeformers-hub convert reads official checkpoints)"
     if "zip archive" in text or "central directory" in text or isinstance(err, EOFError):
