@@ -177,9 +177,13 @@ def test_fx_trace_equals_eager(name):
 
 # --- what every spiking family shares (one test each instead of a copy per family file) ----------
 
-def _spike_outputs(model, x) -> list[torch.Tensor]:
+def _neuron_outputs(model, x) -> list[tuple[torch.nn.Module, torch.Tensor]]:
+    """(neuron, output) of every neuron call: binary LIFs, and integer-count neurons (E-SpikeFormer's:
+    a ``count()`` of at most ``max_spike_count`` spikes per step)."""
     outputs = []
-    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o)) for m in model.modules() if isinstance(m, LIF)]
+    neurons = [m for m in model.modules()
+               if isinstance(m, LIF) or (hasattr(m, "max_spike_count") and callable(getattr(m, "count", None)))]
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append((m, o.detach()))) for m in neurons]
     try:
         model(x)
     finally:
@@ -188,13 +192,26 @@ def _spike_outputs(model, x) -> list[torch.Tensor]:
     return outputs
 
 
+def _as_counts(neuron, out: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A neuron's output as spike counts per step and the most it may fire (1 for a LIF)."""
+    if isinstance(neuron, LIF):
+        return out, 1
+    top = neuron.max_spike_count
+    return (out * top if getattr(neuron, "normalize", False) else out), top
+
+
 @pytest.mark.parametrize("name", SPIKING_SMALL)
-def test_neurons_emit_binary_spikes_and_eval_is_deterministic(name):
+def test_neurons_emit_spike_counts_and_eval_is_deterministic(name):
+    """Every neuron emits whole spike counts within its range (binary for LIFs, 0..D for integer
+    neurons), something fires, and evaluation is deterministic."""
     model = timm.create_model(name).train()
     x = _input(model)
-    spikes = _spike_outputs(model, x)
-    assert spikes and all(set(s.unique().tolist()) <= {0.0, 1.0} for s in spikes)
-    assert sum(float(s.detach().sum()) for s in spikes) > 0, "nothing fired: the checks below would be vacuous"
+    outputs = _neuron_outputs(model, x)
+    assert outputs
+    for neuron, out in outputs:
+        counts, top = _as_counts(neuron, out)
+        assert torch.equal(counts, counts.round()) and counts.min() >= 0 and counts.max() <= top, type(neuron).__name__
+    assert sum(float(out.sum()) for _, out in outputs) > 0, "nothing fired: the checks below would be vacuous"
     model.eval()
     assert torch.equal(model(x), model(x))
 
