@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import pickle
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -90,8 +91,10 @@ def _create(name: str, pretrained: bool, checkpoint: str | None, kwargs: dict) -
         if not checkpoint or "Error(s) in loading state_dict" not in str(err):
             raise
         holder = _holder_of(checkpoint)
-        raise UserError(f"model.checkpoint {checkpoint} does not fit {name}: {_first_line(err)}" if holder in (None, name) else
-                        f"model.checkpoint {checkpoint} holds a {holder} model, not the {name} asked for",
+        if holder in (None, name):
+            raise UserError(f"model.checkpoint {checkpoint} does not fit {name}: {_load_problems(err)}",
+                            hint="model.args (embed_dim, depth, ...) must match those of the run that wrote it") from None
+        raise UserError(f"model.checkpoint {checkpoint} holds a {holder} model, not the {name} asked for",
                         hint="pick the checkpoint of a run of this model, or set model.name to the model it holds") from None
 
 
@@ -198,6 +201,22 @@ def load_model_weights(model: torch.nn.Module, weights: dict, source: str | Path
                  (("missing", missing), ("unexpected", unexpected), ("shape mismatches", mismatched)) if found]
         raise UserError(f"{source} does not fit {model_name}: {', '.join(parts)}",
                         hint="the weights come from another architecture or model.args") from None
+
+
+def _load_problems(err: RuntimeError) -> str:
+    """torch's load_state_dict error (one key per line, hundreds of lines) as counts and the
+    first key of each kind."""
+    text, parts = str(err), []
+    for label, kind in (("Missing key(s)", "missing"), ("Unexpected key(s)", "unexpected")):
+        found = re.search(re.escape(label) + r" in state_dict: (.*)", text)
+        keys = re.findall(r'"([^"]+)"', found.group(1)) if found else []
+        if keys:
+            parts.append(f"{len(keys)} {kind} (first: {keys[0]})")
+    sizes = re.findall(r"size mismatch for ([^:]+): copying a param with shape torch\.Size\((\[.*?\])\) from checkpoint, "
+                       r"the shape in current model is torch\.Size\((\[.*?\])\)", text)
+    if sizes:
+        parts.append(f"{len(sizes)} shape mismatches (first: {sizes[0][0]} {sizes[0][1]} vs {sizes[0][2]})")
+    return ", ".join(parts) or _first_line(err)
 
 
 def _holder_of(path: str | Path) -> str | None:

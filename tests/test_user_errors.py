@@ -237,6 +237,12 @@ def test_weights_of_another_model_are_one_line_not_a_key_list(tmp_path):
         build_model(cfg.model, DIGITS)
     assert "holds a spikformer_tiny model, not the sdt_tiny asked for" in str(info.value)
 
+    wider = training_checkpoint_file(tmp_path / "wider.pt", "sdt_tiny")  # embed_dim 16; asked for depth 1
+    cfg = compose_config("train", ["model.args={embed_dim: 16, depth: 1}", f"model.checkpoint={wider}"])
+    with pytest.raises(UserError, match=r"does not fit sdt_tiny: \d+ unexpected \(first: block\.1\.") as info:
+        build_model(cfg.model, DIGITS)
+    assert "model.args" in info.value.hint and "\n" not in str(info.value)
+
     model = build_model(compose_config("train", [SMALL]).model, DIGITS)
     state = build_model(compose_config("train", ["model.args={embed_dim: 32}"]).model, DIGITS).state_dict()
     with pytest.raises(UserError) as info:
