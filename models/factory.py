@@ -95,7 +95,7 @@ def _create(name: str, pretrained: bool, checkpoint: str | None, kwargs: dict) -
             raise UserError(f"model.checkpoint {checkpoint} does not fit {name}: {_load_problems(err)}",
                             hint="model.args (embed_dim, depth, ...) must match those of the run that wrote it") from None
         raise UserError(f"model.checkpoint {checkpoint} holds a {holder} model, not the {name} asked for",
-                        hint="pick the checkpoint of a run of this model, or set model.name to the model it holds") from None
+                        hint=_other_model_hint(holder, name)) from None
 
 
 def _check_input_kind(name: str, data: DataShape) -> None:
@@ -118,7 +118,7 @@ def file_overlay(path: str, model_name: str) -> dict:
         if holder is None or holder == model_name:
             raise UserError(str(err), hint=_EXPECTED_FILE) from None
         raise UserError(f"model.checkpoint {path} holds a {holder} model, not the {model_name} asked for",
-                        hint="pick the checkpoint of a run of this model, or set model.name to the model it holds") from None
+                        hint=_other_model_hint(holder, model_name)) from None
     return dict(file=str(path), url="", num_classes=num_classes, input_size=(chans, 32, 32))
 
 
@@ -217,6 +217,31 @@ def _load_problems(err: RuntimeError) -> str:
     if sizes:
         parts.append(f"{len(sizes)} shape mismatches (first: {sizes[0][0]} {sizes[0][1]} vs {sizes[0][2]})")
     return ", ".join(parts) or _first_line(err)
+
+
+def _other_model_hint(holder: str, asked: str) -> str:
+    """What to do about a checkpoint of ``holder`` given to ``asked``; for AT-SNN, which backbone
+    the asked model fine-tunes and the model (and fine-tuning preset) that pairs with ``holder``."""
+    paired = f"atsnn_{holder}"
+    if asked.startswith("atsnn_") and timm.is_model(paired):
+        presets = _finetune_presets(paired)
+        return (f"{asked} fine-tunes {asked.removeprefix('atsnn_')} checkpoints; a {holder} backbone pairs with "
+                f"model.name={paired}" + (f" (experiment={presets[0]})" if presets else ""))
+    return "pick the checkpoint of a run of this model, or set model.name to the model it holds"
+
+
+def _finetune_presets(model_name: str) -> list[str]:
+    """The packaged ``experiment=*finetune*`` presets that train ``model_name`` (by their own text
+    or the preset they extend)."""
+    folder = Path(__file__).resolve().parents[1] / "configs" / "experiment"
+    found = []
+    for preset in sorted(folder.glob("*finetune*.yaml")):
+        text = preset.read_text()
+        parents = [folder / f"{p}.yaml" for p in re.findall(r"^\s*-\s*(\w+)\s*$", text, re.M)]
+        texts = [text] + [p.read_text() for p in parents if p.is_file()]
+        if any(re.search(rf"name:\s*{re.escape(model_name)}\b", t) for t in texts):
+            found.append(preset.stem)
+    return found
 
 
 def _holder_of(path: str | Path) -> str | None:

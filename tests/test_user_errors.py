@@ -152,6 +152,7 @@ def test_usage_errors_are_one_line_without_the_usage_block(module, prog, argv, c
     ("nosuch=1", "Could not override 'nosuch'"),
     ("model=nosuch", "Could not find 'model/nosuch'"),
     ("model.T=[1", "no viable alternative"),
+    ("experiment=atsnn_digits_finetune", "finetune_from is required"),
 ])
 def test_train_rejects_bad_overrides_before_making_a_run_folder(override, fragment, tmp_path, monkeypatch, capsys):
     from spikeformers.train.main import main
@@ -318,3 +319,14 @@ def test_convert_rejects_bad_model_args_in_one_line(capsys):
                          capsys)
     assert code == 2
     one_line(err, "spikeformers-convert", "--model-args must be a JSON object")
+
+
+def test_finetune_from_the_other_backbone_names_the_preset_that_pairs_with_it(tmp_path):
+    from spikeformers.models.errors import UserError
+
+    sdt = training_checkpoint_file(tmp_path / "sdt.pt", "sdt_tiny")
+    cfg = compose_config("train", ["experiment=atsnn_digits_finetune", f"finetune_from={sdt}"])
+    with pytest.raises(UserError) as info:
+        build_model(cfg.model, DIGITS)
+    assert "holds a sdt_tiny model, not the atsnn_spikformer_tiny asked for" in str(info.value)
+    assert "model.name=atsnn_sdt_tiny (experiment=atsnn_sdt_digits_finetune)" in info.value.hint

@@ -147,8 +147,11 @@ EVAL_FIELDS = {
 
 
 def check_fields(cfg: DictConfig, fields: dict) -> None:
-    """Raise :class:`UserError` naming the first field of ``fields`` whose value does not fit its
+    """Raise :class:`UserError` naming a required value the config leaves open (``???``, such as a
+    preset's ``finetune_from``), or the first field of ``fields`` whose value does not fit its
     kind; fields the config lacks, and values that only resolve inside a Hydra run, are skipped."""
+    for path in _required(OmegaConf.to_container(cfg, resolve=False)):
+        raise UserError(f"{path} is required: the config leaves it open (???)", hint=f"add {path}=... to the command line")
     for path, kind in fields.items():
         try:
             value = OmegaConf.select(cfg, path, default=None, throw_on_missing=False)
@@ -158,6 +161,18 @@ def check_fields(cfg: DictConfig, fields: dict) -> None:
         if problem:
             raise UserError(f"{path} must be {problem}, got {value!r}",
                             hint=f"fix the override {path}=... (or the config that sets it)")
+
+
+def _required(container, prefix: str = "") -> list[str]:
+    """Paths of the ``???`` values in a config read without resolving interpolations."""
+    found = []
+    for key, value in (container.items() if isinstance(container, dict) else enumerate(container)):
+        path = f"{prefix}{key}"
+        if value == "???":
+            found.append(path)
+        elif isinstance(value, (dict, list)):
+            found += _required(value, path + ".")
+    return found
 
 
 def _field_problem(value, kind) -> str | None:
