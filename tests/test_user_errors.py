@@ -330,3 +330,25 @@ def test_finetune_from_the_other_backbone_names_the_preset_that_pairs_with_it(tm
         build_model(cfg.model, DIGITS)
     assert "holds a sdt_tiny model, not the atsnn_spikformer_tiny asked for" in str(info.value)
     assert "model.name=atsnn_sdt_tiny (experiment=atsnn_sdt_digits_finetune)" in info.value.hint
+
+
+def test_energy_of_an_ann_checkpoint_points_to_the_converted_snn(tmp_path, capsys):
+    ckpt = tmp_path / "qcfs.pt"
+    cfg = compose_config("train", ["model=qcfs", "model.name=qcfs_vgg_tiny"])
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path / "run")
+    torch.save({"config": OmegaConf.to_container(cfg, resolve=True), "model": build_model(cfg.model, DIGITS).state_dict(),
+                "ema": None, "num_classes": 10, "model_name": "qcfs_vgg_tiny"}, ckpt)
+    code, err = run_main("energy", ["--checkpoint", str(ckpt), "--n", "8"], capsys)
+    assert code == 2
+    one_line(err, "spikeformers-energy", "qcfs_vgg_tiny is an ANN", f"spikeformers-convert qcfs --checkpoint {ckpt} --energy")
+
+
+def test_energy_warns_when_the_network_never_fires(tmp_path, capsys):
+    from spikeformers.train.energy import main
+
+    silent = training_checkpoint_file(tmp_path / "silent.pt", "sdt_tiny")  # untrained: no spike gets past the stem
+    assert main(["--checkpoint", str(silent), "--n", "8"]) == 0
+    assert "never fires is not a result" in capsys.readouterr().err
+    assert main(["--n", "8"]) == 0  # the trained sdt_tiny.digits fires
+    assert "never fires" not in capsys.readouterr().err

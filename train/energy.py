@@ -417,6 +417,8 @@ def _model_and_data(args):
         if args.model:
             check_same_model(state, args.model, args.checkpoint, hint="drop MODEL: a checkpoint's model comes from the checkpoint")
         model_cfg, data_cfg = trained_configs(state)
+        if model_cfg.get("T") is None:
+            raise _ann_error(model_cfg.name, args.checkpoint)
     else:
         model_cfg = compose_config("train", []).model
         model_cfg.name = args.model or "sdt_tiny.digits"
@@ -430,16 +432,35 @@ def _model_and_data(args):
             raise UserError("--data-root cannot apply to digits (embedded, no root)", hint="drop --data-root")
         data_cfg.root = args.data_root
     if args.T:
-        if model_cfg.get("T") is None:
-            raise UserError(f"--T cannot apply to {model_cfg.name}: it is an ANN without time steps",
-                            hint="analyse its converted SNN (spikeformers-convert, docs/conversion.md)")
         model_cfg.T = args.T
     _, test_set, info = build_datasets(data_cfg)
     model = build_model(model_cfg, info)
+    if getattr(model, "T", None) is None:
+        raise _ann_error(model_cfg.name, args.checkpoint)
     if state is not None:
         weights = state["ema"] if (args.use_ema and state.get("ema")) else state["model"]
         load_model_weights(model, weights, args.checkpoint, model_cfg.name)
     return model, test_set, info, model_cfg.name
+
+
+def _ann_error(name: str, checkpoint: str | None):
+    """An ANN (QCFS CNN, ViT for ECMT) has no spikes to count: point to its converted SNN."""
+    from spikeformers.models.errors import UserError
+
+    method = "qcfs" if name.startswith("qcfs") else "ecmt"
+    source = f"--checkpoint {checkpoint}" if checkpoint else f"--model {name}"
+    return UserError(f"{name} is an ANN: it has no spikes to count",
+                     hint=f"its converted SNN's energy per T: spikeformers-convert {method} {source} --energy (docs/conversion.md)")
+
+
+def silent_network_warning(report: EnergyReport) -> str | None:
+    """A warning when no layer after the first receives a spike: the energy "saving" of a network
+    that never fires is not a result (an untrained or dead network)."""
+    later = [r for r in report.layers if r.input_type != "real"]
+    if later and all(r.input_rate == 0 for r in later):
+        return (f"warning: no spike reached any of the {len(later)} spiking layers of {report.model}; "
+                f"the {report.ann_energy_mJ / max(report.total_energy_mJ, 1e-30):.0f}x saving of a network that never fires is not a result")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -458,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
                          EnergyConfig(args.e_mac, args.e_ac, args.first_layer_times_T, args.integer_inputs, args.real_inputs),
                          model_name=name)
         print(report.table())
+        warning = silent_network_warning(report)
+        if warning:
+            print(f"{parser.prog}: {warning}", file=sys.stderr)
         if args.json:
             atomic_write(args.json, lambda p: p.write_text(json.dumps(report.to_json(), indent=2) + "\n"))
         if args.csv:
