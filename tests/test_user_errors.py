@@ -352,3 +352,16 @@ def test_energy_warns_when_the_network_never_fires(tmp_path, capsys):
     assert "never fires is not a result" in capsys.readouterr().err
     assert main(["--n", "8"]) == 0  # the trained sdt_tiny.digits fires
     assert "never fires" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module, prog, argv, fragment", [
+    ("evaluate", "spikeformers-eval", ["model.name=sdt_tiny.digits", "model.pretrained=true", "convert_T=16"],
+     "convert_T cannot apply without convert"),
+    ("evaluate", "spikeformers-eval", ["model.name=sdt_tiny.digits", "model.pretrained=true", "use_ema=false"],
+     "use_ema applies only to a spikeformers-train checkpoint"),
+    ("energy", "spikeformers-energy", ["--no-ema", "--n", "1"], "--no-ema applies only with --checkpoint"),
+])
+def test_options_that_cannot_apply_are_refused(module, prog, argv, fragment, capsys):
+    code, err = run_main(module, argv, capsys)
+    assert code == 2
+    one_line(err, prog, fragment)

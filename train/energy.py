@@ -411,6 +411,8 @@ def _model_and_data(args):
     if args.data_root and not args.data and not args.checkpoint:
         raise UserError("--data-root needs --data (the default digits set is embedded and has no root)",
                         hint="e.g. --data cifar10 --data-root /data")
+    if not args.use_ema and not args.checkpoint:
+        raise UserError("--no-ema applies only with --checkpoint (registered weights have no EMA copy)", hint="drop --no-ema")
     state = None
     if args.checkpoint:
         state = training_checkpoint(args.checkpoint)

@@ -169,7 +169,13 @@ def run_eval(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> di
 def _what_to_evaluate(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, DictConfig, dict | None]:
     """(model config, data config, training checkpoint or None) for a training checkpoint, a
     weights file (``.safetensors`` as ``spikeformers-hub download`` prints), or pretrained weights."""
-    if cfg.checkpoint and _is_weights_file(cfg.checkpoint):
+    if "convert_T" in _keys(overrides, "convert_T") and not cfg.get("convert"):
+        raise UserError("convert_T cannot apply without convert=qcfs|ecmt", hint="add convert=qcfs (or ecmt), or drop convert_T")
+    weights_file = bool(cfg.checkpoint) and _is_weights_file(cfg.checkpoint)
+    if _keys(overrides, "use_ema") and not (cfg.checkpoint and not weights_file):
+        raise UserError("use_ema applies only to a spikeformers-train checkpoint (--checkpoint RUN/checkpoints/best.pt)",
+                        hint="drop use_ema=...")
+    if weights_file:
         return _weights_file_configs(cfg, overrides) + (None,)
     if cfg.checkpoint:
         state = training_checkpoint(cfg.checkpoint)
