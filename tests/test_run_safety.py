@@ -112,8 +112,9 @@ def test_documented_run_folder_commands(tmp_path):
                                timeout=600) for c in commands]
     first, refused, resumed, replaced = outcomes
     assert first.returncode == 0, first.stderr[-2000:]
-    assert refused.returncode != 0 and "already holds a run" in refused.stderr
-    assert "resume=auto" in refused.stderr and "overwrite=true" in refused.stderr
+    (line,) = [line for line in refused.stderr.splitlines() if "already holds a run" in line]
+    assert refused.returncode == 2 and line.startswith("spikeformers-train: error: "), refused.stderr[-2000:]
+    assert "outputs/first" in line and "resume=auto" in line and "overwrite=true" in line and "Traceback" not in refused.stderr
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
     assert replaced.returncode == 0 and "overwrite=true: removed the earlier run's checkpoints/" in replaced.stdout, \
         replaced.stderr[-2000:]
