@@ -231,6 +231,30 @@ def test_a_stop_signal_checkpoints_and_exits_with_its_status(tmp_path, sig, stat
     assert state["epoch"] == 0 and state["batch_in_epoch"] > 0
 
 
+def test_a_preemption_signal_goes_on_to_the_handler_it_replaced_and_a_second_ctrl_c_stops_at_once():
+    from spikeformers.train.distributed import PreemptionFlag
+
+    received = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: received.append(signum))  # as submitit's
+    flag = PreemptionFlag()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert flag.requested and flag.signal == signal.SIGUSR2 and not received  # the checkpoint comes first
+        flag.pass_on()
+        assert received == [signal.SIGUSR2]  # then submitit requeues the job
+    finally:
+        flag.restore()
+        signal.signal(signal.SIGUSR2, previous)
+    flag = PreemptionFlag()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.interrupted
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        flag.restore()
+
+
 # --- DDP: every rank's loss sums, one model --------------------------------------------------------
 
 
