@@ -150,8 +150,10 @@ def check_fields(cfg: DictConfig, fields: dict) -> None:
     """Raise :class:`UserError` naming a required value the config leaves open (``???``, such as a
     preset's ``finetune_from``), or the first field of ``fields`` whose value does not fit its
     kind; fields the config lacks, and values that only resolve inside a Hydra run, are skipped."""
-    for path in _required(OmegaConf.to_container(cfg, resolve=False)):
-        raise UserError(f"{path} is required: the config leaves it open (???)", hint=f"add {path}=... to the command line")
+    required = _required(OmegaConf.to_container(cfg, resolve=False))
+    if required:
+        raise UserError(f"{required[0]} is required: the config leaves it open (???)",
+                        hint=f"add {required[0]}=... to the command line")
     for path, kind in fields.items():
         try:
             value = OmegaConf.select(cfg, path, default=None, throw_on_missing=False)
