@@ -23,6 +23,7 @@ import timm
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from spikeformers.models import hub
 from spikeformers.models.errors import UserError
 from spikeformers.models.layers import family_filter, state_dims
 from spikeformers.models.serialization import load_weights
@@ -73,6 +74,8 @@ def check_model_name(name: str) -> None:
     """One line for a name timm does not know, with the nearest registered names as the hint."""
     arch, _, tag = str(name).partition(".")
     if timm.is_model(name) and (not tag or name in timm.list_pretrained(f"{arch}.*")):
+        return
+    if name in hub.REGISTRY:  # registered but not loadable yet: the hub says how to convert it
         return
     if tag and timm.is_model(arch):
         tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]

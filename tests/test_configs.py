@@ -305,8 +305,9 @@ def documented_train_commands() -> list[tuple[str, list[str]]]:
     commands = {}
     for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         text = path.read_text().replace("\\\n", " ")
-        lines = re.findall(r"^\s*(spikeformers-train\b[^\n]*)", text, re.M)
-        lines += re.findall(r"`(spikeformers-train\b[^`\n]*)`", text)
+        # `spikeformers-train: error: ...` is a message the tool prints, not a command
+        lines = re.findall(r"^\s*(spikeformers-train\b(?!:)[^\n]*)", text, re.M)
+        lines += re.findall(r"`(spikeformers-train\b(?!:)[^`\n]*)`", text)
         for line in lines:
             line = line.split("#")[0].split("`")[0]
             if "<" in line or "&&" in line:

@@ -125,7 +125,7 @@ _DATA_FIELDS = {
     "data.frame_size": "optional positive int",
 }
 TRAIN_FIELDS = {
-    "seed": "int", "model.T": "optional positive int", "model.pretrained": "bool",
+    "seed": "int", "model.T": "optional positive int", "model.pretrained": "bool", "overwrite": "bool",
     "trainer.epochs": "positive int", "trainer.max_steps_per_epoch": "optional positive int",
     "trainer.save_every_steps": "optional positive int", "trainer.grad_clip": "optional positive number",
     "trainer.memory": ("plain", "checkpoint", "packed"), "trainer.amp_dtype": ("bfloat16", "float16"),
