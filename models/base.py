@@ -48,7 +48,7 @@ from spikeformers.models.layers import checkpoint_block, checkpoint_filter_fn, t
 from spikeformers.models.neurons import LIF
 
 __all__ = [
-    "SpikingClassifier", "build_spiking_model", "as_features", "fx_leaf", "spiking_cfg", "CIFAR_CFG", "dvs_cfg",
+    "SpikingClassifier", "build_spiking_model", "as_features", "new_classifier", "fx_leaf", "spiking_cfg", "CIFAR_CFG", "dvs_cfg",
     "init_linear_and_layernorm", "init_conv_and_bn",
 ]
 
@@ -254,7 +254,16 @@ class SpikingClassifier(nn.Module):
         self.num_classes = num_classes
         for name in self.classifiers:
             if hasattr(self, name):
-                setattr(self, name, nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity())
+                setattr(self, name, new_classifier(self, self.num_features, num_classes))
+
+
+def new_classifier(model: nn.Module, num_features: int, num_classes: int) -> nn.Module:
+    """A Linear head (``Identity`` for 0 classes) on the model's device and dtype, in its train/eval mode."""
+    if num_classes <= 0:
+        return nn.Identity()
+    ref = next(model.parameters(), None)
+    placement = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
+    return nn.Linear(num_features, num_classes, **placement).train(model.training)
 
 
 def build_spiking_model(model_cls: type[nn.Module], variant: str, pretrained: bool = False,

@@ -21,7 +21,7 @@ import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from spikeformers.models.base import as_features
+from spikeformers.models.base import as_features, new_classifier
 from torch import nn
 
 __all__ = ["QCFS", "IFNeuron", "ConvertedSNN", "replace_activations", "to_snn", "VGG", "CifarResNet"]
@@ -322,7 +322,7 @@ class VGG(nn.Module):
             nn.Flatten(), nn.Linear(channels * size * size, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
             nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), _classifier(hidden, num_classes))
         # pre-logits = the second FC's output
-        self.num_classes, self.num_features = num_classes, hidden
+        self.num_classes, self.num_features, self.in_chans = num_classes, hidden, in_chans
         self.head_hidden_size = hidden
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -347,9 +347,13 @@ class VGG(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.classifier[-1]
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer-decay groups: the first conv, then each conv layer (coarse: each pooling group), the classifier."""
+        return dict(stem=r"^features\.0\.", blocks=r"^features\.(\d+)" if not coarse else [(r"^features\.(\d+)", None)])
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
-        self.classifier[-1] = _classifier(self.num_features, num_classes)
+        self.classifier[-1] = new_classifier(self, self.num_features, num_classes)
 
 
 class BasicBlock(nn.Module):
@@ -391,7 +395,7 @@ class CifarResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = _classifier(channels, num_classes)
-        self.num_classes, self.num_features = num_classes, channels
+        self.num_classes, self.num_features, self.in_chans = num_classes, channels, in_chans
         self.head_hidden_size = channels
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -414,10 +418,14 @@ class CifarResNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer-decay groups: the stem, then each stage (coarse) or residual block, the classifier."""
+        return dict(stem=r"^stem\.", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """New classifier; ``global_pool=""`` also drops the pooling (``forward`` then returns maps)."""
         self.num_classes = num_classes
-        self.fc = _classifier(self.num_features, num_classes)
+        self.fc = new_classifier(self, self.num_features, num_classes)
         if global_pool is not None:
             self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()) if global_pool else nn.Identity()
 

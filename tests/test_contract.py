@@ -148,6 +148,10 @@ def test_create_num_classes_0_and_features_only(name):
 def test_create_takes_device_and_dtype_and_rejects_unknown_arguments(name):
     model = timm.create_model(name, device="cpu", dtype=torch.float64)
     assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert model.in_chans == model.pretrained_cfg["input_size"][0]
+    model.eval().reset_classifier(0)
+    model.reset_classifier(3)  # a new head follows the model's dtype and train/eval mode
+    assert model.get_classifier().weight.dtype == torch.float64 and not model.get_classifier().training
     with pytest.raises(TypeError, match="not_a_model_arg"):
         timm.create_model(name, not_a_model_arg=1)
 
