@@ -427,6 +427,7 @@ class Report:
         self.out_dir, self.ctx, self.primary = Path(cfg.output_dir), ctx, ctx.primary
         self.metrics = MetricsCsv(self.out_dir / "metrics.csv", history) if self.primary else None
         self.logger = _make_logger(cfg, self.out_dir) if self.primary else NullLogger()
+        self.epoch_seconds: list[float] = []  # this process's epochs, for the ETA
 
     def checkpoint(self, job: Job, progress: Progress) -> None:
         """Write ``last.pt``; every rank calls it (each rank's partial loss sums go into it)."""
@@ -450,9 +451,20 @@ class Report:
         curves = plot_curves(self.metrics.rows, self.out_dir / "curves.png")
         self.logger.log({k: v for k, v in row.items() if k != "epoch"} | {"epoch": row["epoch"]}, step=progress.global_step)
         self.logger.log_image("curves", curves, step=progress.global_step)
-        self.say(f"epoch {row['epoch']}: train_loss {row['train_loss']:.4f}  test_loss {row['test_loss']:.4f}  "
-                 f"top1 {row['test_top1']:.2f}%  top5 {row['test_top5']:.2f}%  fr {row['firing_rate']:.3f}  "
-                 f"({row['epoch_seconds']:.1f}s)")
+        self.epoch_seconds.append(row["epoch_seconds"])
+        left = job.num_epochs - (row["epoch"] + 1)
+        eta = f", ETA {_duration(left * sum(self.epoch_seconds) / len(self.epoch_seconds))}" if left else ""
+        self.say(f"epoch {row['epoch'] + 1}/{job.num_epochs}: train_loss {row['train_loss']:.4f}  "
+                 f"test_loss {row['test_loss']:.4f}  top1 {row['test_top1']:.2f}%  top5 {row['test_top5']:.2f}%  "
+                 f"fr {row['firing_rate']:.3f}  ({row['epoch_seconds']:.1f}s{eta})")
+
+    def run_done(self, progress: Progress) -> None:
+        """The one line a finished run ends with: best and final top-1, and where the checkpoints are."""
+        if not progress.history:
+            return
+        best, final = progress.best, progress.history[-1]["test_top1"]
+        self.say(f"done: best top-1 {best['top1']:.2f}% (epoch {best['epoch'] + 1}), final {final:.2f}%; "
+                 f"checkpoints in {self.best_checkpoint.parent}")
 
     @property
     def best_checkpoint(self) -> Path:
@@ -483,6 +495,13 @@ class Report:
         else:
             log.warning("%s does not hold the history's best epoch %d and its weights are gone; it is rewritten "
                         "when top-1 improves", self.best_checkpoint, best_epoch)
+
+
+def _duration(seconds: float) -> str:
+    """3725 -> '1h02m05s', 65 -> '1m05s', 7.2 -> '7s'."""
+    s = int(round(seconds))
+    h, m = s // 3600, s % 3600 // 60
+    return f"{h}h{m:02d}m{s % 60:02d}s" if h else f"{m}m{s % 60:02d}s" if m else f"{s}s"
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -534,6 +553,7 @@ def _run(cfg: DictConfig, ctx: Dist) -> dict:
             check_replicas_in_sync(ctx, job.raw_model)
         best = progress.best
         report.logger.finish({"best_acc": best["top1"], "best_epoch": best["epoch"]})
+        report.run_done(progress)
         final = progress.history[-1]["test_top1"] if progress.history else None
         return {"best_top1": best["top1"], "best_epoch": best["epoch"], "final_top1": final}
     finally:

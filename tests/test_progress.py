@@ -1,0 +1,31 @@
+"""What the terminal shows during and after a run: `epoch k/N` with an ETA, and one closing line
+with the best and final top-1 and where the checkpoints are."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from spikeformers.train.main import _duration
+
+
+def test_duration_is_short_and_exact():
+    assert [_duration(s) for s in (0.4, 7.2, 65, 3725)] == ["0s", "7s", "1m05s", "1h02m05s"]
+
+
+def test_a_run_shows_epoch_k_of_n_with_eta_and_ends_with_one_summary_line(tmp_path):
+    exe = shutil.which("spikeformers-train", path=str(Path(sys.executable).parent))
+    env = dict(os.environ, SPIKEFORMERS_LIF_COMPILE="0", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    run = tmp_path / "run"
+    out = subprocess.run([exe, "debug=limit", f"hydra.run.dir={run}"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    epochs = re.findall(r"^epoch (\d+)/(\d+): .*\((\d+\.\d)s(?:, ETA (\S+))?\)$", out.stdout, re.M)
+    assert [(k, n) for k, n, _, _ in epochs] == [("1", "3"), ("2", "3"), ("3", "3")]
+    assert all(eta for _, _, _, eta in epochs[:2]) and epochs[2][3] == ""  # no ETA after the last epoch
+    (done,) = [line for line in out.stdout.splitlines() if line.startswith("done:")]
+    assert re.fullmatch(rf"done: best top-1 \d+\.\d\d% \(epoch [123]\), final \d+\.\d\d%; checkpoints in "
+                        rf"{re.escape(str(run / 'checkpoints'))}", done)
+    assert out.stdout.rstrip().splitlines()[-1] == done
