@@ -29,3 +29,32 @@ def test_a_run_shows_epoch_k_of_n_with_eta_and_ends_with_one_summary_line(tmp_pa
     assert re.fullmatch(rf"done: best top-1 \d+\.\d\d% \(epoch [123]\), final \d+\.\d\d%; checkpoints in "
                         rf"{re.escape(str(run / 'checkpoints'))}", done)
     assert out.stdout.rstrip().splitlines()[-1] == done
+
+
+def test_silent_layers_warn_after_warmup_and_only_inform_during_it(caplog):
+    import logging
+
+    from spikeformers.train.distributed import Dist
+    from spikeformers.train.main import _warn_silent_layers
+
+    ctx, stats = Dist("cpu"), {"dead_layers": ["block.0.attn.q_lif"], "saturated_layers": []}
+    with caplog.at_level(logging.INFO, logger="spikeformers.train.main"):
+        _warn_silent_layers(ctx, 0, stats, warmup_epochs=1)
+        _warn_silent_layers(ctx, 1, stats, warmup_epochs=1)
+    (during, after) = caplog.records
+    assert during.levelno == logging.INFO and "warm-up" in during.getMessage() and "epoch 1:" in during.getMessage()
+    assert after.levelno == logging.WARNING and "warm-up" not in after.getMessage() and "epoch 2:" in after.getMessage()
+
+
+def test_cpu_runs_do_not_show_the_cuda_home_warning(monkeypatch):
+    import logging
+
+    import torch
+
+    from spikeformers.train.cli import quiet_cuda_probe
+
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    quiet_cuda_probe()
+    assert not logger.isEnabledFor(logging.WARNING)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import logging
 import os
 import sys
 from typing import Iterator, NoReturn
@@ -61,6 +62,7 @@ def exit_with_error(prog: str, error: BaseException | str) -> NoReturn:
 def user_errors(prog: str, debug: bool = False) -> Iterator[None]:
     """Turn the user's mistakes raised inside the block into :func:`exit_with_error`; with
     :func:`debugging` on they propagate with their traceback."""
+    quiet_cuda_probe()
     try:
         yield
     except USER_ERRORS as error:
@@ -75,6 +77,16 @@ def user_errors(prog: str, debug: bool = False) -> Iterator[None]:
         if debugging(debug) or error.filename is None:
             raise
         exit_with_error(prog, error)
+
+
+def quiet_cuda_probe() -> None:
+    """On a machine without a CUDA runtime, torch's extension loader (imported when the neurons are
+    compiled) warns "No CUDA runtime is found, using CUDA_HOME=..." at every run; nothing is wrong
+    for a CPU run, so the tools do not show it there."""
+    import torch
+
+    if not torch.cuda.is_available():
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 class ArgumentParser(argparse.ArgumentParser):

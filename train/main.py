@@ -372,7 +372,7 @@ def end_of_epoch(job: Job, progress: Progress, report: Report, started: float, t
         return False
     train_loss = mean_across(job.ctx, progress.loss_sum, progress.loss_count)
     row = _epoch_row(job, epoch, train_loss, stats, time.time() - started, train_seconds)
-    _warn_silent_layers(job.ctx, epoch, stats)
+    _warn_silent_layers(job.ctx, epoch, stats, warmup_epochs=job.cfg.sched.get("warmup_epochs", 0) or 0)
     improved = stats["top1"] > progress.best["top1"]
     if improved:
         progress.best = {"top1": stats["top1"], "epoch": epoch}
@@ -410,13 +410,18 @@ def _epoch_row(job: Job, epoch: int, train_loss: float, stats: dict, seconds: fl
     return row
 
 
-def _warn_silent_layers(ctx: Dist, epoch: int, stats: dict) -> None:
+def _warn_silent_layers(ctx: Dist, epoch: int, stats: dict, warmup_epochs: int = 0) -> None:
+    """Layers that never fired (or always fired) on a whole test batch. During the LR warm-up that is
+    usual (the BN statistics are still settling), so it is logged as information, not a warning."""
     for kind in ("dead", "saturated"):
         layers = stats[f"{kind}_layers"]
         if layers and ctx.primary:
             what = "never fired" if kind == "dead" else "fired at every step"
-            log.warning("epoch %d: %d LIF layer(s) %s on a whole test batch: %s", epoch, len(layers), what,
-                        ", ".join(layers[:5]) + (" ..." if len(layers) > 5 else ""))
+            in_warmup = epoch < warmup_epochs
+            level = logging.INFO if in_warmup else logging.WARNING
+            log.log(level, "epoch %d: %d LIF layer(s) %s on a whole test batch%s: %s", epoch + 1, len(layers),
+                    what, " (LR warm-up: usually settles)" if in_warmup else "",
+                    ", ".join(layers[:5]) + (" ..." if len(layers) > 5 else ""))
 
 
 class Report:
