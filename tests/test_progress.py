@@ -58,3 +58,27 @@ def test_cpu_runs_do_not_show_the_cuda_home_warning(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     quiet_cuda_probe()
     assert not logger.isEnabledFor(logging.WARNING)
+
+
+def test_curves_show_lr_and_firing_rate_mark_the_best_epoch_and_name_the_run():
+    import matplotlib.pyplot as plt
+
+    from spikeformers.train.logging import curves_figure
+
+    rows = [dict(epoch=e, lr=1e-3 / (e + 1), train_loss=2 - e / 4, test_loss=2.1 - e / 5, test_top1=acc,
+                 firing_rate=0.1 + e / 100) for e, acc in enumerate([50.0, 80.0, 75.0, 60.0])]
+    fig = curves_figure(rows, "sdt_tiny — run7")
+    try:
+        titles = [ax.get_title() for ax in fig.axes]
+        assert titles == ["loss", "test accuracy", "learning rate", "mean firing rate (test)"]
+        assert fig._suptitle.get_text() == "sdt_tiny — run7"
+        acc = fig.axes[1]
+        star = [line for line in acc.get_lines() if line.get_marker() == "*"]
+        assert len(star) == 1 and list(star[0].get_xdata()) == [2] and list(star[0].get_ydata()) == [80.0]
+        fig.canvas.draw()
+        for ax in fig.axes:  # whole epochs on every x axis, counted from 1
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert ticks and all(float(t).is_integer() for t in ticks) and min(ticks) >= 1
+        assert list(fig.axes[2].get_lines()[0].get_ydata()) == [r["lr"] for r in rows]
+    finally:
+        plt.close(fig)

@@ -35,28 +35,54 @@ class MetricsCsv:
         atomic_write(self.path, lambda tmp: tmp.write_text(buffer.getvalue()))
 
 
-def plot_curves(rows: list[dict], path: str | Path) -> Path:
-    """Loss (train/test) and test top-1 per epoch, side by side, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def plot_curves(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """``curves_figure`` as a PNG (written atomically)."""
     import matplotlib.pyplot as plt
 
-    epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker="o", label="train")
-    ax_loss.plot(epochs, [r["test_loss"] for r in rows], marker="o", label="test")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_loss.legend()
-    ax_acc.plot(epochs, [r["test_top1"] for r in rows], marker="o", color="tab:green")
-    ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="test accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig = curves_figure(rows, title)
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return path
+
+
+def curves_figure(rows: list[dict], title: str = ""):
+    """Four panels per epoch (counted from 1, as the terminal does): train/test loss, test top-1
+    with the best epoch marked, the learning rate, and the mean firing rate. ``title`` names the
+    run (model and run folder)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [int(r["epoch"]) + 1 for r in rows]
+    top1 = [float(r["test_top1"]) for r in rows]
+    best = max(range(len(rows)), key=lambda i: top1[i]) if rows else None
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+    (ax_loss, ax_acc), (ax_lr, ax_fr) = axes
+    ax_loss.plot(epochs, [float(r["train_loss"]) for r in rows], marker="o", label="train")
+    ax_loss.plot(epochs, [float(r["test_loss"]) for r in rows], marker="o", label="test")
+    ax_loss.set(ylabel="loss", title="loss")
+    ax_loss.legend()
+    ax_acc.plot(epochs, top1, marker="o", color="tab:green")
+    if best is not None:
+        ax_acc.plot([epochs[best]], [top1[best]], marker="*", markersize=16, color="tab:red", linestyle="",
+                    label=f"best {top1[best]:.2f}% (epoch {epochs[best]})")
+        ax_acc.legend(loc="lower right")
+    ax_acc.set(ylabel="top-1 (%)", title="test accuracy")
+    ax_lr.plot(epochs, [float(r.get("lr", "nan")) for r in rows], marker="o", color="tab:purple")
+    ax_lr.set(ylabel="learning rate", title="learning rate")
+    ax_fr.plot(epochs, [float(r.get("firing_rate", "nan")) for r in rows], marker="o", color="tab:orange")
+    ax_fr.set(ylabel="spikes per neuron and step", title="mean firing rate (test)")
+    for ax in axes.flat:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
 
 
 class NullLogger:

@@ -433,6 +433,7 @@ class Report:
         self.metrics = MetricsCsv(self.out_dir / "metrics.csv", history) if self.primary else None
         self.logger = _make_logger(cfg, self.out_dir) if self.primary else NullLogger()
         self.epoch_seconds: list[float] = []  # this process's epochs, for the ETA
+        self.title = f"{cfg.model.name} — {self.out_dir.name}"  # the curves' title: model and run folder
 
     def checkpoint(self, job: Job, progress: Progress) -> None:
         """Write ``last.pt``; every rank calls it (each rank's partial loss sums go into it)."""
@@ -453,7 +454,7 @@ class Report:
         if improved:
             copy_atomic(job.last_checkpoint, self.best_checkpoint)
         self.metrics.append(row)
-        curves = plot_curves(self.metrics.rows, self.out_dir / "curves.png")
+        curves = plot_curves(self.metrics.rows, self.out_dir / "curves.png", self.title)
         self.logger.log({k: v for k, v in row.items() if k != "epoch"} | {"epoch": row["epoch"]}, step=progress.global_step)
         self.logger.log_image("curves", curves, step=progress.global_step)
         self.epoch_seconds.append(row["epoch_seconds"])
@@ -485,7 +486,7 @@ class Report:
             self.metrics.rewrite()
         curves = self.out_dir / "curves.png"
         if progress.history:
-            plot_curves(self.metrics.rows, curves)
+            plot_curves(self.metrics.rows, curves, self.title)
         else:
             curves.unlink(missing_ok=True)
         self._repair_best(progress, resumed_from)
