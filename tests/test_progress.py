@@ -82,3 +82,16 @@ def test_curves_show_lr_and_firing_rate_mark_the_best_epoch_and_name_the_run():
         assert list(fig.axes[2].get_lines()[0].get_ydata()) == [r["lr"] for r in rows]
     finally:
         plt.close(fig)
+
+
+def test_presets_are_listed_one_line_each_as_the_docs_say():
+    exe = shutil.which("spikeformers-train", path=str(Path(sys.executable).parent))
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    assert "`spikeformers-train --presets`" in docs
+    out = subprocess.run([exe, "--presets"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    presets = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "experiment").glob("*.yaml"))
+    listed = out.stdout.splitlines()
+    assert [line.split()[0] for line in listed] == presets
+    assert all(len(line.split(maxsplit=1)) == 2 and len(line) <= 131 and "§" not in line for line in listed)
+    assert not any("no description" in line for line in listed)

@@ -27,6 +27,7 @@ import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
+from importlib import resources
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator
 
@@ -654,9 +655,27 @@ def hydra_main(cfg: DictConfig) -> float | None:
     return result.get("best_top1")
 
 
+def presets_listing() -> str:
+    """``spikeformers-train --presets``: every ``experiment=`` preset with the first sentence of
+    its description (the comment that opens the preset file)."""
+    folder = resources.files("spikeformers.configs") / "experiment"
+    lines = []
+    for preset in sorted(f for f in folder.iterdir() if f.name.endswith(".yaml")):
+        comment = [line[1:].strip() for line in preset.read_text().splitlines()
+                   if line.startswith("#") and not line.startswith("# @package")]
+        text = " ".join(comment)
+        first = text.split(". ")[0].rstrip(".") if text else "(no description)"
+        first = first if len(first) <= 100 else first[:99].rstrip() + "…"
+        lines.append(f"{preset.name[:-5]:<30} {first}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     """Console script ``spikeformers-train``: Hydra owns the command line. Non-primary DDP ranks
     skip Hydra's own log files; every rank uses the same ``hydra.run.dir``."""
+    if sys.argv[1:] == ["--presets"]:
+        print(presets_listing())
+        return
     if int(os.environ.get("RANK", 0)) > 0:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     from spikeformers.train.cli import TRAIN_FIELDS, check_hydra_overrides, user_errors
