@@ -34,6 +34,7 @@ SNN differences from a timm CNN/ViT, by design (docs/architecture.md):
 from __future__ import annotations
 
 import numbers
+import re
 from typing import Callable
 
 import torch
@@ -48,14 +49,22 @@ from spikeformers.models.layers import checkpoint_block, checkpoint_filter_fn, t
 from spikeformers.models.neurons import LIF
 
 __all__ = [
-    "SpikingClassifier", "build_spiking_model", "as_features", "new_classifier", "fx_leaf", "spiking_cfg", "CIFAR_CFG", "dvs_cfg",
-    "init_linear_and_layernorm", "init_conv_and_bn",
+    "SpikingClassifier", "build_spiking_model", "as_features", "new_classifier", "fx_leaf", "positive_int",
+    "spiking_cfg", "CIFAR_CFG", "dvs_cfg", "init_linear_and_layernorm", "init_conv_and_bn",
 ]
 
 # Neurons keep their state in Python loops over T and dispatch on backend and device: FX must see
 # them as single calls. The input check branches on the input's rank, so it is one call as well.
 register_notrace_module(LIF)
 register_notrace_function(time_sequence)
+
+
+def positive_int(value, what: str) -> int:
+    """``value`` as an int if it is a positive integer (not a bool), else a one-line ``ValueError``
+    naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def fx_leaf(cls: type[nn.Module]) -> type[nn.Module]:
@@ -105,15 +114,33 @@ class SpikingClassifier(nn.Module):
     @T.setter
     def T(self, value: int) -> None:
         # T = -1 used to run as T = 1, T = 0 died in a reshape and T = 2.5 in expand: refuse at once
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"T (time steps) must be a positive integer, got {value!r}")
-        self._T = int(value)
+        self._T = positive_int(value, "T (time steps)")
 
     # --- what a family declares ---------------------------------------------------------------
 
+    # Stage attributes in forward order; a ModuleList stands for its blocks ``name.0``, ``name.1``, ...
+    stage_names: tuple[str, ...] = ("patch_embed", "block")
+
     def stages(self) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
-        """(name, stage) in forward order; default: ``patch_embed`` then ``block.0``, ``block.1``, ..."""
-        return [("patch_embed", self.patch_embed)] + [(f"block.{i}", blk) for i, blk in enumerate(self.block)]
+        """(name, stage) in forward order, from ``stage_names``: by default ``patch_embed`` then
+        ``block.0``, ``block.1``, ..."""
+        out = []
+        for name in self.stage_names:
+            module = getattr(self, name)
+            if isinstance(module, nn.ModuleList):
+                out += [(f"{name}.{i}", blk) for i, blk in enumerate(module)]
+            else:
+                out.append((name, module))
+        return out
+
+    def stage_group_matcher(self, coarse: bool = False) -> dict:
+        """Layer-decay groups in forward order: the first stage is the stem, then every later stage
+        (``coarse``: one group per stage attribute); the head comes last."""
+        names = [name for name, _ in self.stages()]
+        later = names[1:]
+        if coarse:
+            later = list(dict.fromkeys(n.split(".")[0] for n in later))
+        return dict(stem=rf"^{re.escape(names[0])}\.", blocks=[(rf"^{re.escape(n)}\.", (i,)) for i, n in enumerate(later)])
 
     def block_feature_info(self, num_chs: int, reduction: int) -> list[dict]:
         """One feature level per block of a single-stage model (as timm's ViTs), all at the same width."""

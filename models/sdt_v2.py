@@ -28,7 +28,6 @@ and its outer BN into one 3×3 conv with bias for inference (not in the official
 from __future__ import annotations
 
 import logging
-import re
 from functools import partial
 
 import torch
@@ -314,7 +313,7 @@ class SpikeDrivenTransformerV2(SpikingClassifier):
     """
 
     # forward order of the stage modules (official attribute names)
-    _stage_names = ("downsample1_1", "ConvBlock1_1", "downsample1_2", "ConvBlock1_2", "downsample2",
+    stage_names = ("downsample1_1", "ConvBlock1_1", "downsample1_2", "ConvBlock1_2", "downsample2",
                     "ConvBlock2_1", "ConvBlock2_2", "downsample3", "block3", "downsample4", "block4")
 
     def __init__(
@@ -386,26 +385,11 @@ class SpikeDrivenTransformerV2(SpikingClassifier):
 
     classifiers = ("head", "head_kd")  # reset_classifier rebuilds both
 
-    def stages(self):
-        """(name, module) of every downsampler and block, in forward order."""
-        out = []
-        for name in self._stage_names:
-            module = getattr(self, name)
-            if isinstance(module, nn.ModuleList):
-                out += [(f"{name}.{i}", blk) for i, blk in enumerate(module)]
-            else:
-                out.append((name, module))
-        return out
-
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         """Layer groups for layer-wise LR decay: the stem (``downsample1_1``), then every later
-        downsampler and block in forward order (coarse: one group per stage module name);
-        the head comes last."""
-        names = [name for name, _ in self.stages()][1:]
-        if coarse:
-            names = list(dict.fromkeys(n.split(".")[0] for n in names))
-        return dict(stem=r"^downsample1_1\.", blocks=[(rf"^{re.escape(n)}\.", (i,)) for i, n in enumerate(names)])
+        downsampler and block in forward order (coarse: one group per stage module name)."""
+        return self.stage_group_matcher(coarse)
 
     # --- forward (the rest comes from SpikingClassifier) ---
 

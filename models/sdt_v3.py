@@ -33,14 +33,14 @@ identical steps (the paper's I-LIF over real time steps is not implemented here)
 
 from __future__ import annotations
 
-import numbers
-import re
 
 import torch
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from spikeformers.models.base import SpikingClassifier, build_spiking_model, fx_leaf, init_linear_and_layernorm, spiking_cfg
+from spikeformers.models.base import (
+    SpikingClassifier, build_spiking_model, fx_leaf, init_linear_and_layernorm, positive_int, spiking_cfg,
+)
 from spikeformers.models.layers import seq
 
 __all__ = [
@@ -113,9 +113,7 @@ class SpikeCountNeuron(nn.Module):
 
     @max_spike_count.setter
     def max_spike_count(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"max_spike_count (D) must be a positive integer, got {value!r}")
-        self._max_spike_count = int(value)
+        self._max_spike_count = positive_int(value, "max_spike_count (D)")
 
     def extra_repr(self) -> str:
         return (f"max_spike_count={self.max_spike_count}, normalize={self.normalize}, "
@@ -309,7 +307,7 @@ class SpikeDrivenTransformerV3(SpikingClassifier):
     readout = "head_then_mean"
     head_neuron = "head_spike"
     # forward order of the stage modules (official attribute names)
-    _stage_names = ("downsample1_1", "ConvBlock1_1", "downsample1_2", "ConvBlock1_2", "downsample2",
+    stage_names = ("downsample1_1", "ConvBlock1_1", "downsample1_2", "ConvBlock1_2", "downsample2",
                     "ConvBlock2_1", "ConvBlock2_2", "downsample3", "block3", "downsample4", "block4")
 
     def __init__(
@@ -381,26 +379,11 @@ class SpikeDrivenTransformerV3(SpikingClassifier):
 
     # --- timm API ---
 
-    def stages(self):
-        """(name, module) of every downsampler and block, in forward order."""
-        out = []
-        for name in self._stage_names:
-            module = getattr(self, name)
-            if isinstance(module, nn.ModuleList):
-                out += [(f"{name}.{i}", blk) for i, blk in enumerate(module)]
-            else:
-                out.append((name, module))
-        return out
-
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         """Layer groups for layer-wise LR decay: the stem (``downsample1_1``), then every later
-        downsampler and block in forward order (coarse: one group per stage module name); the head
-        comes last."""
-        names = [name for name, _ in self.stages()][1:]
-        if coarse:
-            names = list(dict.fromkeys(n.split(".")[0] for n in names))
-        return dict(stem=r"^downsample1_1\.", blocks=[(rf"^{re.escape(n)}\.", (i,)) for i, n in enumerate(names)])
+        downsampler and block in forward order (coarse: one group per stage module name)."""
+        return self.stage_group_matcher(coarse)
 
 
 # --- cfgs, registration ---------------------------------------------------------------------------
