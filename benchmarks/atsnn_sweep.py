@@ -1,7 +1,7 @@
 """AT-SNN sweep report: accuracy against tokens for a set of training runs (docs/atsnn.md).
 
 Reads each run directory's ``config.yaml`` and ``metrics.csv`` (written by spikeformers-train) and
-prints a Markdown table of the final epoch: top-1, tokens per image (spec §3.7) and both relative
+prints a Markdown table of the final epoch: top-1, tokens per image and both relative
 to the baseline run; ``--plot`` draws top-1 against tokens, one marker per run, by family.
 
     python -P benchmarks/atsnn_sweep.py --baseline runs/off --runs runs/ft_* runs/scratch_* --plot sweep.png

@@ -3,7 +3,7 @@
 FLOPs need no weights: each model runs once on a random 224×224 image (T=1; counts are per time
 step). For each paper energy E the table gives the uniform input firing rate r that reproduces it
 under the formula E = E_MAC·FL_first + E_AC·T·r·FL_rest (T = 4), where FL_rest holds every other
-conv/linear and the attention products (architectures.md §8).
+conv/linear and the attention products.
 
     python -P benchmarks/energy_official.py            # prints a Markdown table
 """
@@ -14,7 +14,7 @@ import torch
 import spikeformers  # noqa: F401
 from spikeformers.train.energy import EnergyConfig, analyze
 
-PAPER = {  # model: (reported energy mJ, reported OPs or None), architectures.md §7
+PAPER = {  # model: (reported energy mJ, reported OPs or None)
     "spikformer_imagenet_8_384": (7.734, "6.82G"),
     "spikformer_imagenet_8_512": (11.577, "11.09G"),
     "spikformer_imagenet_10_512": (13.899, "13.67G"),

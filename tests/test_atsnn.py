@@ -76,7 +76,7 @@ def test_lif_step_gradients_match_the_multistep_backward(detach_reset):
     torch.testing.assert_close(grad, expected, atol=1e-12, rtol=1e-12)  # same BPTT, autograd's rounding
 
 
-# --- halting (§7 items 1, 2, 5, 6, 7) -------------------------------------------------------------
+# --- halting -------------------------------------------------------------
 
 
 @pytest.mark.parametrize("reading", ["A", "B", "C"])
@@ -297,7 +297,7 @@ def test_halting_state_is_per_token():
     torch.testing.assert_close(p, torch.tensor([0.2, 1.0, 1.0]))
 
 
-# --- BN statistics in training (§6 #7) ------------------------------------------------------------
+# --- BN statistics in training ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("bn_stats,leaks", [("plain", True), ("masked", False), ("running", False)])

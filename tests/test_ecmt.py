@@ -1,4 +1,4 @@
-"""ECMT conversion (conversion.md §2, tests §3.2/§3.3): the expectation compensation and
+"""ECMT conversion: the expectation compensation and
 AtNeuron identities, the multi-threshold neuron, calibration, a tiny random ViT/Eva end to end
 in float64, the energy count, rejection of unsupported models, and an untouched ANN."""
 
@@ -14,11 +14,11 @@ from torch import nn
 
 from spikeformers.models import ecmt
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)  # §3.2.4
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
 
 
 def random_weights(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Linear weights N(0, 1/fan_in) (§3.2.4): an untrained net with O(1) activations."""
+    """Linear weights N(0, 1/fan_in): an untrained net with O(1) activations."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -32,7 +32,7 @@ def images(n: int, seed: int, dtype=torch.float64) -> torch.Tensor:
 
 
 def calibration_batches(dtype=torch.float64) -> list[torch.Tensor]:
-    return [images(16, 100 + i, dtype) for i in range(4)]  # 4×16 random images (§3.2.4)
+    return [images(16, 100 + i, dtype) for i in range(4)]  # 4×16 random images
 
 
 def rel_errors(model: nn.Module, snn: ecmt.SpikingTransformer, x: torch.Tensor, T: int) -> list[float]:
@@ -54,7 +54,7 @@ def tiny_thresholds(tiny_vit):
     return ecmt.calibrate(tiny_vit, calibration_batches())
 
 
-# --- §3.2.1 ECM identity --------------------------------------------------------------------------
+# --- ECM identity --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("f", [nn.GELU(), nn.Softmax(dim=-1), nn.LayerNorm(16)], ids=["gelu", "softmax", "layernorm"])
@@ -80,7 +80,7 @@ def test_ecm_does_not_alias_its_input():
     assert ecm.total.abs().max() < 100
 
 
-# --- §3.2.2 AtNeuron identity ---------------------------------------------------------------------
+# --- AtNeuron identity ---------------------------------------------------------------------
 
 
 def test_atneuron_output_rate_is_product_of_input_rates():
@@ -95,7 +95,7 @@ def test_atneuron_output_rate_is_product_of_input_rates():
     assert torch.equal(a_steps, a_copy) and torch.equal(b_steps, b_copy)  # inputs never used as accumulators
 
 
-# --- §3.2.3 multi-threshold neuron, constant input ------------------------------------------------
+# --- multi-threshold neuron, constant input ------------------------------------------------
 
 
 def test_multi_threshold_neuron_constant_input():
@@ -133,7 +133,7 @@ def test_neuron_silences_a_side_with_non_positive_threshold():
     assert (spikes[:, 0] == 0).all() and (spikes[:, 1] >= 0).all()
 
 
-# --- calibration and the §2.4 settings ------------------------------------------------------------
+# --- calibration and the settings ------------------------------------------------------------
 
 
 def test_calibration_is_running_mean_of_percentiles(tiny_vit, tiny_thresholds):
@@ -175,7 +175,7 @@ def test_convert_rejects_thresholds_of_another_model(tiny_vit, tiny_thresholds):
         ecmt.convert(tiny_vit, partial)
 
 
-# --- §3.2.4 tiny ViT end to end (float64, §3.3) ---------------------------------------------------
+# --- tiny ViT end to end (float64) ---------------------------------------------------
 
 
 def test_tiny_vit_converges_to_the_ann(tiny_vit, tiny_thresholds):
@@ -224,7 +224,7 @@ def test_other_families_converge(variant):
         assert err[2 * T - 1] < 0.7 * err[T - 1], (T, err)
 
 
-# --- §2.5 energy ----------------------------------------------------------------------------------
+# --- energy ----------------------------------------------------------------------------------
 
 
 def test_energy_ratio_formula_by_hand():

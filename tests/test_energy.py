@@ -1,4 +1,4 @@
-"""Energy / SOP / firing-rate analysis (architectures.md §8) and the trainer's rate monitor."""
+"""Energy / SOP / firing-rate analysis and the trainer's rate monitor."""
 
 import json
 
@@ -139,7 +139,7 @@ def test_firing_rate_monitor_and_dead_layer_detection():
     assert untrained["dead_layers"], "an untrained model in eval mode barely spikes"
 
 
-# --- the families of more_families.md: input type per layer (§4) -------------------------------
+# --- the later families: input type per layer -------------------------------
 
 
 def _types(name: str, **kwargs) -> tuple[dict, dict]:
@@ -156,7 +156,7 @@ def test_spikingformer_inputs_binary_except_first_conv_and_head():
 
 
 def test_qkformer_stream_fed_convs_get_integers():
-    """§4: every conv fed by the spike-sum stream sees non-negative integers, the rest spikes."""
+    """Every conv fed by the spike-sum stream sees non-negative integers, the rest spikes."""
     model = timm.create_model("qkformer_tiny")
     for m in model.modules():  # BN bias 1: enough firing that main and shortcut spikes coincide
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -176,7 +176,7 @@ def test_qkformer_stream_fed_convs_get_integers():
 def test_sdtv2_counts_repconv_and_sepconv_as_merged_convs_on_spikes():
     kinds, records = _types("sdtv2_tiny", depths=(1, 1))  # the digits variant has no attention blocks
     real = {k for k, v in kinds.items() if v == "real"}
-    assert real == {"downsample1_1.encode_conv"}, real  # merged view: every other conv sees spikes (§4)
+    assert real == {"downsample1_1.encode_conv"}, real  # merged view: every other conv sees spikes
     assert not any(".body." in k or k.endswith("pwconv2") for k in records)
     rep = next(r for k, r in records.items() if k.endswith("q_conv.0 (merged)"))
     C = rep.input_shape[0]

@@ -1,4 +1,4 @@
-"""Spikformer and SDT v1: official keys/shapes/param counts, semantics (architectures.md §2–§5),
+"""Spikformer and SDT v1: official keys/shapes/param counts, semantics,
 timm registry, input handling."""
 
 import pytest
@@ -42,7 +42,7 @@ def test_strict_load_of_official_layout(config, reference):
 
 
 def test_official_param_counts_spot_check():
-    # architectures.md §4: the headline numbers, independent of the reference files.
+    # the headline numbers, independent of the reference files.
     assert sum(p.numel() for p in timm.create_model("spikformer_cifar_4_384").parameters()) == 9_330_874
     assert sum(p.numel() for p in timm.create_model("sdt_cifar_2_512").parameters()) == 10_233_546
     assert sum(p.numel() for p in timm.create_model("sdt_imagenet_8_512").parameters()) == 29_689_896
@@ -57,7 +57,7 @@ def _bn_conv(conv, bn, x):  # x [T, B, C, ...] -> [T, B, C', ...], T folded into
 
 
 def test_sdsa_matches_channelwise_reference():
-    """§3.3 steps 1–8, written per channel: mask_c = SN_0.5(Σ_n k_cn v_cn), out = proj(q ⊙ mask) + x."""
+    """SDSA written per channel: mask_c = SN_0.5(Σ_n k_cn v_cn), out = proj(q ⊙ mask) + x."""
     T, B, C, H, W = 3, 2, 16, 4, 4
     attn = SpikeDrivenSelfAttention(C, num_heads=4, lif=lambda **kw: LIF(backend="spikingjelly", **kw)).train()
     x = torch.randn(T, B, C, H, W) * 2
@@ -171,7 +171,7 @@ def test_ssa_conv_matches_per_head_reference(scale, order):
     ],
 )
 def test_token_grid_per_dataset(name, shape, tokens):
-    # §2.2 / §3.2 tables: tokens after the patch embedding for each dataset's pooling.
+    # tokens after the patch embedding for each dataset's pooling.
     model = timm.create_model(name, T=2).train()
     x = torch.rand(2, 1, *shape)  # [T, B, C, H, W] sequence
     feats = model.forward_features(x)

@@ -1,4 +1,4 @@
-"""LIF neuron: equations (architectures.md §1), backend equivalence, statelessness, errors."""
+"""LIF neuron: equations, backend equivalence, statelessness, errors."""
 
 import logging
 import math
@@ -84,8 +84,8 @@ def test_backends_agree(shape, v_threshold, tau, detach_reset):
 
 @pytest.mark.parametrize("tau", [1.5, 2.0, 3.0])
 def test_gradients_bit_identical_to_spikingjelly(tau):
-    """The eager loops round like SpikingJelly's backward, also for tau = 1.5 (Spikingformer DVS,
-    more_families.md §0); the compiled loops may differ in the last bit (checked ≤ 1e-6 above)."""
+    """The eager loops round like SpikingJelly's backward, also for tau = 1.5 (Spikingformer DVS);
+    the compiled loops may differ in the last bit (checked ≤ 1e-6 above)."""
     x = torch.randn(6, 2000) * 1.5 + 0.6
     g = torch.randn(6, 2000)
     _, g_ref = run(LIF(backend="spikingjelly", tau=tau), x, g)

@@ -1,4 +1,4 @@
-"""Packaging rules (conventions.md §6): one import name, no bare folder imports, shipped data."""
+"""Packaging rules: one import name, no bare folder imports, shipped data."""
 
 import importlib.metadata
 import re
@@ -26,7 +26,7 @@ def test_import_registers_models_in_a_fresh_interpreter():
     out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True)
     n_sdt, n_sf = map(int, out.stdout.split())
     assert n_sdt >= 10 and n_sf >= 9
-    assert "Overwriting" not in out.stderr  # a double import would re-register (conventions §6.2)
+    assert "Overwriting" not in out.stderr  # a double import would re-register
 
 
 def test_installed_distribution_and_subpackages():

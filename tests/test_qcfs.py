@@ -1,4 +1,4 @@
-"""QCFS activation, ReLU replacement and IF-neuron conversion (conversion.md §1, tests §3.1)."""
+"""QCFS activation, ReLU replacement and IF-neuron conversion."""
 
 import copy
 import json
@@ -20,7 +20,7 @@ def constant_drive(theta: float, z: torch.Tensor, T: int) -> torch.Tensor:
     return neuron(z.unsqueeze(0).expand(T, *z.shape).reshape(-1)).reshape(T, -1).mean(0)
 
 
-# --- the activation (§1.1) --------------------------------------------------------------------
+# --- the activation --------------------------------------------------------------------
 
 
 def test_qcfs_forward_levels_and_formula():
@@ -59,7 +59,7 @@ def test_qcfs_rejects_bad_arguments():
         QCFS(gradient="newest")
 
 
-# --- replacement (§1.2) -----------------------------------------------------------------------
+# --- replacement -----------------------------------------------------------------------
 
 
 def test_replace_activations_on_torchvision_resnet18_gives_one_lambda_per_use():
@@ -109,11 +109,11 @@ def test_shared_activation_module_is_rejected():
         replace_activations(Shared())
 
 
-# --- the IF neuron and the theory (§1.3, §1.4, §3.1) -----------------------------------------
+# --- the IF neuron and the theory -----------------------------------------
 
 
 def test_if_neuron_rate_equals_qcfs_with_L_equal_T():
-    """§3.1.1: constant input for T steps == QCFS with L := T, exactly."""
+    """Constant input for T steps == QCFS with L := T, exactly."""
     theta = 2.0
     z = torch.rand(200_000, generator=torch.Generator().manual_seed(1)) * 7 - 1  # U(-1, 6)
     for T in (1, 4, 8, 16, 32):
@@ -123,7 +123,7 @@ def test_if_neuron_rate_equals_qcfs_with_L_equal_T():
 
 
 def test_if_neuron_is_unbiased_for_T_not_L():
-    """§3.1.2: mean(SNN_T − QCFS_L) is zero within noise; per-sample error ≲ θ/(2·min(T, L))."""
+    """Mean(SNN_T − QCFS_L) is zero within noise; per-sample error ≲ θ/(2·min(T, L))."""
     theta = 2.0
     z = torch.rand(200_000, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 7 - 1
     for L, T in ((4, 8), (8, 4), (4, 1), (4, 32)):
@@ -133,7 +133,7 @@ def test_if_neuron_is_unbiased_for_T_not_L():
 
 
 def random_qcfs_cnn(levels: int, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
-    """The §3.1 setup: conv-BN-act-pool ×2, FC-act-FC; randomised BN statistics; each λ the 99th
+    """The setup: conv-BN-act-pool ×2, FC-act-FC; randomised BN statistics; each λ the 99th
     percentile of its pre-activation. Returns (model in eval mode, 64 inputs), float64."""
     torch.manual_seed(seed)
     model = nn.Sequential(
@@ -162,7 +162,7 @@ def random_qcfs_cnn(levels: int, seed: int = 0) -> tuple[nn.Module, torch.Tensor
 
 
 def clip_network(model: nn.Module) -> nn.Module:
-    """λ·clip(x/λ, 0, 1): QCFS with L → ∞, the SNN's limit as T → ∞ (§1.4)."""
+    """λ·clip(x/λ, 0, 1): QCFS with L → ∞, the SNN's limit as T → ∞."""
     clip = copy.deepcopy(model)
     for m in clip.modules():
         if isinstance(m, QCFS):
@@ -175,7 +175,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_network_converges_to_the_clip_network():
-    """§3.1.3: err(2T) ≤ 0.6·err(T) for T ≥ 8, the same for L = 4 and L = 8."""
+    """Err(2T) ≤ 0.6·err(T) for T ≥ 8, the same for L = 4 and L = 8."""
     errors = {}
     for levels in (4, 8):
         model, x = random_qcfs_cnn(levels)
@@ -213,7 +213,7 @@ def test_snn_matches_a_step_by_step_reference_in_float64():
 
 
 def test_first_layer_snn_equals_ann_at_T_equal_L():
-    """§1.4: with constant input, T = L gives the QCFS ANN exactly for the first layer."""
+    """With constant input, T = L gives the QCFS ANN exactly for the first layer."""
     model, x = random_qcfs_cnn(levels=4)
     first = nn.Sequential(*list(model)[:3])
     with torch.no_grad():

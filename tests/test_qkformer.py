@@ -1,4 +1,4 @@
-"""QKFormer (more_families.md §3): official keys/shapes/counts, strict loading, Q-K attention and
+"""QKFormer: official keys/shapes/counts, strict loading, Q-K attention and
 SSA against step-by-step references, the T·B-flattened LIF of the official SSA (legacy_tb_lif),
 batch independence of the fixed model, timm API, input handling."""
 
@@ -86,7 +86,7 @@ def test_filter_unwraps_timm_saver_and_prefixes(reference):
 
 
 def test_official_param_counts_spot_check():
-    # more_families.md §3.6 / §4: counts in the official logs, independent of the reference files.
+    # counts in the official logs, independent of the reference files.
     counts = {"qkformer_cifar10_4_384": 6_706_234, "qkformer_imagenet_10_768": 64_962_760,
               "qkformer_cifar10dvs_2_256": 1_504_138}
     for name, n in counts.items():
@@ -202,7 +202,7 @@ def test_legacy_proj_lif_equals_loop_over_flattened_index():
     assert not torch.equal(flat.reshape(T, B, C, N), LIF(**SJ)(z.reshape(T, B, C, N)))
 
 
-# --- batch coupling (§3.4) ----------------------------------------------------------------------
+# --- batch coupling ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["cifar", "imagenet", "dvs"])

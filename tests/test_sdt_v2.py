@@ -1,4 +1,4 @@
-"""Spike-driven Transformer v2 / Meta-SpikeFormer (more_families.md §2): official keys/shapes/counts,
+"""Spike-driven Transformer v2 / Meta-SpikeFormer: official keys/shapes/counts,
 BN-and-pad and RepConv semantics, attention against an independent step-by-step reference, heads,
 re-parameterisation, timm API, input handling."""
 
@@ -21,7 +21,7 @@ from spikeformers.models.sdt_v2 import (
 )
 
 CONFIGS = ["sdtv2_imagenet_8_384", "sdtv2_imagenet_8_512", "sdtv2_imagenet_8_512_kd", "sdtv2_imagenet_8_768"]
-PARAMS = {  # §2.7, independent of the reference files
+PARAMS = {  # independent of the reference files
     "sdtv2_imagenet_8_384": 31_333_864,
     "sdtv2_imagenet_8_512": 55_350_248,
     "sdtv2_imagenet_8_512_kd": 55_991_248,

@@ -1,4 +1,4 @@
-"""Spikingformer (more_families.md §1): official keys/shapes/counts, checkpoint naming, semantics
+"""Spikingformer: official keys/shapes/counts, checkpoint naming, semantics
 against step-by-step references written here, whole-model equality with a functional reference
 (logits, gradients, BN buffers), input handling and the timm API."""
 
@@ -69,7 +69,7 @@ def test_matches_official_key_list(name, reference):
 
 
 def test_official_param_counts_spot_check():
-    # §1.6 / official logs, independent of the reference files.
+    # independent of the reference files.
     counts = {"spikingformer_cifar10_4_384": 9_326_266, "spikingformer_imagenet_8_512": 29_705_768,
               "spikingformer_cifar10dvs_2_256": 2_568_714}
     for name, n in counts.items():
@@ -81,7 +81,7 @@ def _ddp_saver(state):
 
 
 def _alternative_naming(key):
-    """Committed naming → the Spikformer-style naming of the official energy log (§1.5)."""
+    """Committed naming → the Spikformer-style naming of the official energy log."""
     import re
 
     key = re.sub(r"^patch_embed\.proj4_(conv|bn)\.", r"patch_embed.rpe_\1.", key)
@@ -134,7 +134,7 @@ def _bn_conv(conv, bn, x):  # x [T, B, C, ...] -> [T, B, C', ...], T folded into
 
 
 def _ssa_reference(attn, x, tau=2.0):
-    """§1.3 SSA written per head with explicit token sums; returns (output, attn_lif spikes)."""
+    """SSA written per head with explicit token sums; returns (output, attn_lif spikes)."""
     T, B, C, H, W = x.shape
     h = attn.num_heads
     d = C // h
@@ -180,7 +180,7 @@ def test_block_is_membrane_shortcut_and_ignores_norms():
 
 
 def _tokenizer_reference(pe, x, tau=2.0):
-    """§1.2: stage 0 conv → BN (no LIF); stages 1–4 LIF → [MaxPool(3,2,1)] → conv → BN."""
+    """Stage 0 conv → BN (no LIF); stages 1–4 LIF → [MaxPool(3,2,1)] → conv → BN."""
     z = _bn_conv(getattr(pe, f"{pe.names[0]}_conv"), getattr(pe, f"{pe.names[0]}_bn"), x)
     for i, name in enumerate(pe.names[1:], start=1):
         s = sj_lif(z, tau=tau)
@@ -262,7 +262,7 @@ def _bn_f(bn, z, training):
 
 
 def _reference_forward(m, x, training):
-    """The official forward (§1.2–§1.4) in functional ops on ``m``'s parameters and buffers."""
+    """The official forward in functional ops on ``m``'s parameters and buffers."""
     tau = 1.5 if m.kind == "dvs" else 2.0
     lif = lambda z, th=1.0: sj_lif(z, th, tau)  # noqa: E731
     T = m.T if x.dim() == 4 else x.shape[0]
@@ -379,7 +379,7 @@ def test_registry_cfgs_and_timm_api():
     for name, k in classes.items():
         assert timm.get_pretrained_cfg(name).num_classes == k
     cfg = timm.get_pretrained_cfg("spikingformer_cifar100_4_384")
-    assert cfg.mean == (0.4914, 0.4822, 0.4465) and cfg.input_size == (3, 32, 32)  # CIFAR-10 values (§1.7)
+    assert cfg.mean == (0.4914, 0.4822, 0.4465) and cfg.input_size == (3, 32, 32)  # CIFAR-10 values
     assert cfg.paper_ids == "arXiv:2304.11954" and cfg.first_conv == "patch_embed.block0_conv"
     assert timm.get_pretrained_cfg("spikingformer_gesture_2_256").input_size == (2, 128, 128)
     tiny_cfg = timm.get_pretrained_cfg("spikingformer_tiny")
@@ -397,7 +397,7 @@ def test_registry_cfgs_and_timm_api():
         Spikingformer(kind="cifar", embed_dim=64, num_heads=5)
 
 
-# --- training presets (more_families.md §1.7) --------------------------------------------------
+# --- training presets --------------------------------------------------
 
 
 def test_experiment_presets_follow_the_spec():

@@ -327,7 +327,7 @@ def test_experiment_presets_compose(make_cfg, name):
 
 
 def test_recipe_values_follow_the_spec(make_cfg):
-    # architectures.md §6.2 / §6.3 tables
+    # the official recipes of Spikformer and SDT v1
     sf = make_cfg("experiment=spikformer_cifar10")
     assert (sf.optim.name, sf.optim.lr, sf.optim.weight_decay, sf.data.batch_size) == ("adamw", 5e-4, 6e-2, 128)
     assert (sf.data.mixup.mixup, sf.data.mixup.off_epoch, sf.data.aug.re_prob) == (0.5, 200, 0.25)
