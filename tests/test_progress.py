@@ -1,12 +1,15 @@
 """What the terminal shows during and after a run: `epoch k/N` with an ETA, and one closing line
 with the best and final top-1 and where the checkpoints are."""
 
+import io
 import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from spikeformers.train.main import _duration
 
@@ -95,3 +98,53 @@ def test_presets_are_listed_one_line_each_as_the_docs_say():
     assert [line.split()[0] for line in listed] == presets
     assert all(len(line.split(maxsplit=1)) == 2 and len(line) <= 131 and "§" not in line for line in listed)
     assert not any("no description" in line for line in listed)
+
+
+class Terminal(io.StringIO):
+    """stderr as a terminal: the tools draw their progress bars only there."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def _qcfs_checkpoint(tmp_path: Path) -> Path:
+    import torch
+    from omegaconf import OmegaConf, open_dict
+
+    from spikeformers.models.factory import build_model
+    from spikeformers.train.cli import compose_config
+    from spikeformers.train.data import DataInfo
+
+    cfg = compose_config("train", ["experiment=qcfs_digits"])
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path / "run")
+    path = tmp_path / "qcfs.pt"
+    torch.save({"config": OmegaConf.to_container(cfg, resolve=True), "num_classes": 10, "ema": None,
+                "model": build_model(cfg.model, DataInfo("digits", 10, 1, 32)).state_dict(), "model_name": "qcfs_vgg_tiny"}, path)
+    return path
+
+
+@pytest.mark.parametrize("tool", ["eval", "convert"])
+def test_eval_and_convert_show_progress_on_a_terminal_only(tool, tmp_path, monkeypatch, capsys):
+    """360 test digits in batches of 120: a bar that counts the 3 batches, on a terminal; nothing on a pipe."""
+    if tool == "eval":
+        from spikeformers.train.evaluate import main
+
+        argv, label = ["model.name=sdt_tiny.digits", "model.pretrained=true", "batch_size=120"], "eval digits"
+    else:
+        from spikeformers.train.convert import main
+
+        argv, label = ["qcfs", "--checkpoint", str(_qcfs_checkpoint(tmp_path)), "--T", "1,2", "--batch-size", "120"], "qcfs T=1..2"
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(argv) == 0
+    bar = terminal.getvalue()
+    assert label in bar and "3/3" in bar, bar
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a pipe or a log file
+    assert main(argv) == 0
+    assert sys.stderr.getvalue() == ""
+    quiet = Terminal()  # and switched off on a terminal too
+    monkeypatch.setattr(sys, "stderr", quiet)
+    assert main([*argv, "progress=false" if tool == "eval" else "--no-progress"]) == 0
+    assert label not in quiet.getvalue()
+    capsys.readouterr()

@@ -210,8 +210,10 @@ def test_a_stop_signal_during_evaluation_stops_it_and_resume_redoes_it(reference
 
 
 @pytest.mark.parametrize("sig, status, said", [(signal.SIGINT, 130, "interrupted: saved"),
-                                               (signal.SIGUSR2, 0, "preempted: saved")], ids=["ctrl-c", "sigusr2"])
+                                               (signal.SIGUSR2, 75, "preempted: saved")], ids=["ctrl-c", "sigusr2"])
 def test_a_stop_signal_checkpoints_and_exits_with_its_status(tmp_path, sig, status, said):
+    """Ctrl-C: 130, as shells report it; a scheduler's signal: 75 (EX_TEMPFAIL: retry), never 0 (done)
+    nor 1 (a crash); and the run folder's status line says which, where the checkpoint is."""
     run = tmp_path / "run"
     args = ["spikeformers.train.main", "model.args={embed_dim: 16}", "trainer.epochs=50", "trainer.save_every_steps=1",
             "data.num_workers=1", f"hydra.run.dir={run}"]
@@ -229,6 +231,9 @@ def test_a_stop_signal_checkpoints_and_exits_with_its_status(tmp_path, sig, stat
     assert len(lines) == 1 and str(last) in lines[0] and "Traceback" not in output, output[-3000:]
     state = torch.load(last, weights_only=True)
     assert state["epoch"] == 0 and state["batch_in_epoch"] > 0
+    (line,) = (run / "status").read_text().splitlines()
+    assert line == (f"{said.split(':')[0]}: {sig.name} at epoch 0, step {state['batch_in_epoch']}; checkpoint {last}; "
+                    "resume=auto continues")
 
 
 def test_a_preemption_signal_goes_on_to_the_handler_it_replaced_and_a_second_ctrl_c_stops_at_once():

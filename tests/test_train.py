@@ -191,6 +191,9 @@ def test_short_run_writes_every_output(make_cfg, tmp_path):
     assert (out / "checkpoints" / "best.pt").exists()
     assert result["best_top1"] == pytest.approx(max(float(r["test_top1"]) for r in rows), abs=1e-3)  # csv: 4 decimals
     assert not list(out.rglob("*.tmp")), "no temporary files left behind"
+    best = max(rows, key=lambda r: float(r["test_top1"]))
+    assert (out / "status").read_text() == (f"finished: best top-1 {float(best['test_top1']):.2f}% (epoch "
+                                            f"{int(best['epoch']) + 1}), final {float(rows[-1]['test_top1']):.2f}%; 2 epochs\n")
 
 
 def _final_weights(run_dir: Path) -> dict:
@@ -244,7 +247,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     t0 = time.time()
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, output[-2000:]
+    assert proc.returncode == 75, output[-2000:]  # EX_TEMPFAIL: preempted after the checkpoint, resume continues
     assert time.time() - t0 < 20
     assert "preempted: saved" in output
     state = torch.load(last, weights_only=True)
@@ -255,6 +258,7 @@ def test_nonfinite_loss_stops_with_a_clear_error(make_cfg):
     cfg = make_cfg(*SMALL, "optim.lr=1e30", "sched.warmup_epochs=0", "trainer.max_steps_per_epoch=20")
     with pytest.raises(FloatingPointError, match=r"non-finite training loss .* at epoch \d+, step \d+"):
         train(cfg)
+    assert (Path(cfg.output_dir) / "status").read_text().startswith("failed: FloatingPointError: non-finite training loss")
 
 
 def test_incompatible_model_and_data(make_cfg):
@@ -518,3 +522,49 @@ def test_atsnn_finetune_preset_starts_from_the_backbone(make_cfg, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("block") and "running" in k)
     rows = (Path(tuned.output_dir) / "metrics.csv").read_text().splitlines()
     assert "tokens_per_image" in rows[0]
+
+
+# --- CPU threads -------------------------------------------------------------------------------
+
+
+def test_auto_threads_leave_one_cpu_and_share_the_rest_among_the_node_processes():
+    from spikeformers.train.distributed import auto_threads
+
+    # (available CPUs, processes on the node) -> threads per process: (CPUs - 1) // processes, at least 1
+    cases = {(1, 1): 1, (2, 1): 1, (4, 1): 3, (16, 1): 15, (16, 8): 1, (64, 8): 7, (2, 4): 1}
+    assert {case: auto_threads(*case) for case in cases} == cases
+
+
+def test_available_cpus_follow_the_affinity_mask_and_the_cgroup_quota(monkeypatch):
+    import spikeformers.train.distributed as distributed
+
+    mask = len(os.sched_getaffinity(0))
+    assert 1 <= distributed.available_cpus() <= mask
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(distributed, "_cgroup_cpu_quota", lambda: 1.5)  # docker --cpus=1.5
+    assert distributed.available_cpus() == 2
+    monkeypatch.setattr(distributed, "_cgroup_cpu_quota", lambda: None)
+    assert distributed.available_cpus() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: two processes share the 4 CPUs
+    assert distributed.auto_threads() == 1
+
+
+def test_threads_field_is_applied_and_recorded_in_the_checkpoint(make_cfg, monkeypatch):
+    from spikeformers.train.distributed import set_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        cfg = make_cfg(*SMALL, "trainer.epochs=1", "trainer.max_steps_per_epoch=1", "trainer.threads=3")
+        train(cfg)
+        assert torch.get_num_threads() == 3
+        state = torch.load(Path(cfg.output_dir) / "checkpoints" / "last.pt", weights_only=True)
+        assert state["threads"] == 3 and state["config"]["trainer"]["threads"] == 3
+        from spikeformers.train.distributed import auto_threads
+
+        assert set_threads(None) == auto_threads() <= len(os.sched_getaffinity(0))
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(2)
+        assert set_threads(None) == 2  # the user's OMP_NUM_THREADS wins over auto
+    finally:
+        torch.set_num_threads(before)

@@ -149,6 +149,8 @@ def test_usage_errors_are_one_line_without_the_usage_block(module, prog, argv, c
     ("optim.lr=fast", "optim.lr must be a positive number"),
     ("data.batch_size=0", "data.batch_size must be a positive integer"),
     ("trainer.memory=tiny", "trainer.memory must be one of plain, checkpoint, packed"),
+    ("trainer.threads=0", "trainer.threads must be a positive integer or null, got 0"),
+    ("trainer.threads=two", "trainer.threads must be a positive integer or null, got 'two'"),
     ("nosuch=1", "Could not override 'nosuch'"),
     ("model=nosuch", "Could not find 'model/nosuch'"),
     ("model.T=[1", "no viable alternative"),

@@ -28,7 +28,7 @@ from spikeformers.models.errors import UserError
 
 __all__ = ["USER_ERRORS", "UserError", "DEBUG_ENV", "ArgumentParser", "compose_config", "exit_with_error",
            "error_lines", "user_errors", "debugging", "positive_int", "check_fields", "check_hydra_overrides",
-           "TRAIN_FIELDS", "EVAL_FIELDS"]
+           "TRAIN_FIELDS", "EVAL_FIELDS", "progress_bar"]
 
 DEBUG_ENV = "SPIKEFORMERS_DEBUG"
 
@@ -89,6 +89,15 @@ def quiet_cuda_probe() -> None:
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
+def progress_bar(iterable=None, total: int | None = None, desc: str = "", enabled: bool = True):
+    """The tools' progress bar (tqdm, on stderr): shown only on a terminal, as training's per-step
+    bar, and cleared when done, so logs and pipes get the results alone."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr,
+                disable=not (enabled and sys.stderr.isatty()))
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the tools' error style: usage errors are one line plus a hint pointing at
     ``--help`` (not the whole usage block), and every tool gets ``--debug``."""
@@ -138,7 +147,7 @@ _DATA_FIELDS = {
 }
 TRAIN_FIELDS = {
     "seed": "int", "model.T": "optional positive int", "model.pretrained": "bool", "overwrite": "bool",
-    "trainer.epochs": "positive int", "trainer.max_steps_per_epoch": "optional positive int",
+    "trainer.epochs": "positive int", "trainer.threads": "optional positive int", "trainer.max_steps_per_epoch": "optional positive int",
     "trainer.save_every_steps": "optional positive int", "trainer.grad_clip": "optional positive number",
     "trainer.memory": ("plain", "checkpoint", "packed"), "trainer.amp_dtype": ("bfloat16", "float16"),
     "trainer.amp": "bool", "trainer.compile": "bool", "trainer.channels_last": "bool", "trainer.sync_bn": "bool",
@@ -152,7 +161,8 @@ TRAIN_FIELDS = {
     **_DATA_FIELDS,
 }
 EVAL_FIELDS = {
-    "batch_size": "positive int", "num_workers": "non-negative int", "use_ema": "bool",
+    "batch_size": "positive int", "num_workers": "non-negative int", "use_ema": "bool", "threads": "optional positive int",
+    "progress": "bool",
     "convert": (None, "qcfs", "ecmt"), "convert_T": "positive int", "model.T": "optional positive int",
     "model.pretrained": "bool", **_DATA_FIELDS,
 }

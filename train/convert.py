@@ -1,11 +1,13 @@
 """ANN→SNN conversion, evaluated over a list of time steps (``spikeformers-convert``).
 
 ``spikeformers-convert qcfs --checkpoint RUN/checkpoints/best.pt --T 1,2,4,8,16,32`` converts a
-QCFS ANN trained with ``spikeformers-train`` (conversion.md §1) to IF neurons;
+QCFS ANN trained with ``spikeformers-train`` (docs/conversion.md) to IF neurons;
 ``spikeformers-convert ecmt --checkpoint ... | --model vit_small_patch16_224 --pretrained`` converts
-a timm ViT with expectation compensation and multi-threshold neurons (§2). Both print a table of
-top-1 and relative output error against the ANN for every T, plot accuracy against T, and with
-``--json FILE`` write ``{"method", "model", "ann_top1", "snn": [{"T", "top1", "rel_error", ...}]}``.
+a timm ViT with expectation compensation and multi-threshold neurons (docs/ecmt.md). Both print a table of
+top-1 and relative output error against the ANN for every T (every column header names its unit),
+plot accuracy against T, and with ``--json FILE`` write ``{"method", "model", "label", "ann_top1",
+"snn": [{"T", "top1", "rel_error", "energy_mJ" (QCFS) or "energy_ratio" (ECMT, with --energy)}]}``.
+``label`` is the name the user chose (the training run's ``model=`` config, e.g. ``vit_digits``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch.utils.data import DataLoader
 from spikeformers.models.errors import UserError
 from spikeformers.models.factory import build_model, check_model_name, load_model_weights, training_checkpoint
 from spikeformers.models.serialization import atomic_write
-from spikeformers.train.cli import ArgumentParser, compose_config, positive_int, user_errors
+from spikeformers.train.cli import ArgumentParser, compose_config, positive_int, progress_bar, user_errors
 
 __all__ = ["convert", "calibration_batches", "evaluate_conversion", "main"]
 
@@ -58,17 +60,20 @@ def calibration_batches(train_set, batch_size: int, count: int) -> list[torch.Te
 
 @torch.no_grad()
 def evaluate_conversion(ann: nn.Module, snn: nn.Module, loader, steps: list[int], dtype=torch.float32,
-                        device=torch.device("cpu"), max_samples: int | None = None) -> dict:
+                        device=torch.device("cpu"), max_samples: int | None = None, progress: str | None = None) -> dict:
     """ANN top-1, and for each T in ``steps`` the SNN's top-1 and relative L2 output error
     ‖SNN_T − ANN‖ / ‖ANN‖ over the whole set. Both models are moved to ``device``/``dtype`` in place. One SNN run to max(steps) gives every T, because
-    ``forward_steps`` returns the running mean after each step."""
+    ``forward_steps`` returns the running mean after each step. ``progress``: the label of a
+    progress bar over the batches (on a terminal only)."""
     ann.eval().to(device, dtype)
     snn.eval().to(device, dtype)
     t_max = max(steps)
     correct = torch.zeros(t_max, dtype=torch.float64)
     sq_err = torch.zeros(t_max, dtype=torch.float64)
     ann_correct, ann_sq, n = 0, 0.0, 0
-    for images, target in loader:
+    samples = len(loader.dataset) if max_samples is None else min(max_samples, len(loader.dataset))
+    batches = progress_bar(loader, total=math.ceil(samples / loader.batch_size), desc=progress) if progress else loader
+    for images, target in batches:
         if max_samples is not None and n >= max_samples:
             break
         if max_samples is not None:
@@ -101,7 +106,7 @@ def plot_accuracy(result: dict, path: Path) -> Path:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("time steps T")
     ax.set_ylabel("top-1 (%)")
-    ax.set_title(f"{result['method'].upper()}: {result['model']}")
+    ax.set_title(f"{result['method'].upper()}: {result.get('label') or result['model']}")
     ax.legend()
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
@@ -118,13 +123,14 @@ def _data_config(name: str | None, checkpoint_data):
     return compose_config("train", [f"data={name}"]).data
 
 
-def _load_ann(args) -> tuple[nn.Module, str, object, object]:
-    """(ANN, its name, training split without augmentation, test split). The data set is the
-    checkpoint's training run's unless ``--data`` names another; a timm ``--model`` needs ``--data``."""
+def _load_ann(args) -> tuple[nn.Module, str, str, object, object]:
+    """(ANN, its model name, the name to show, training split without augmentation, test split).
+    The data set is the checkpoint's training run's unless ``--data`` names another; a timm
+    ``--model`` needs ``--data``."""
     from omegaconf import OmegaConf
 
     from spikeformers.train.data import build_datasets
-    from spikeformers.train.evaluate import trained_configs
+    from spikeformers.train.evaluate import model_label, trained_configs
 
     state = training_checkpoint(args.checkpoint) if args.checkpoint else None
     model_cfg, trained_data = trained_configs(state) if state is not None else (None, None)
@@ -138,10 +144,10 @@ def _load_ann(args) -> tuple[nn.Module, str, object, object]:
 
         check_model_name(args.model)
         ann = timm.create_model(args.model, pretrained=args.pretrained, **_model_args(args.model_args))
-        return ann, args.model, calib_set, test_set
+        return ann, args.model, args.model, calib_set, test_set
     ann = build_model(model_cfg, info)
     load_model_weights(ann, state["ema"] if (args.use_ema and state.get("ema")) else state["model"], args.checkpoint, model_cfg.name)
-    return ann, model_cfg.name, calib_set, test_set
+    return ann, model_cfg.name, model_label(state, args.checkpoint), calib_set, test_set
 
 
 def _model_args(text: str | None) -> dict:
@@ -157,18 +163,29 @@ def _model_args(text: str | None) -> dict:
     return value
 
 
+# The energy column of each method, with its unit in the name: QCFS reports the SNN's energy per
+# sample (the energy tool's estimate), ECMT the ratio E_SNN / E_ANN of its paper.
+ENERGY_FIELD = {"qcfs": "energy_mJ", "ecmt": "energy_ratio"}
+# column key -> (header with its unit, number format)
+COLUMNS = {"T": ("T (steps)", "{:d}"), "top1": ("top-1 (%)", "{:.2f}"), "rel_error": ("rel. error (ratio)", "{:.4f}"),
+           "energy_mJ": ("energy (mJ/sample)", "{:.4f}"), "energy_ratio": ("E_SNN/E_ANN (ratio)", "{:.4f}")}
+
+
 def _table(result: dict) -> str:
-    lines = [f"{result['method'].upper()} {result['model']}: ANN top-1 {result['ann_top1']:.2f}% "
+    """The printed result: a title line, then one row per T; every column header names its unit."""
+    keys = [key for key in COLUMNS if key in result["snn"][0]]
+    widths = [len(COLUMNS[key][0]) for key in keys]
+    lines = [f"{result['method'].upper()} {result.get('label') or result['model']}: ANN top-1 {result['ann_top1']:.2f}% "
              f"({result['n_samples']} samples, {result['dtype']})",
-             f"{'T':>5} {'top1 %':>8} {'rel.err':>9}" + (f" {'energy':>9}" if "energy" in result["snn"][0] else "")]
-    for r in result["snn"]:
-        extra = f" {r['energy']:>9.4f}" if "energy" in r else ""
-        lines.append(f"{r['T']:>5} {r['top1']:>8.2f} {r['rel_error']:>9.4f}{extra}")
+             "  ".join(f"{COLUMNS[key][0]:>{w}}" for key, w in zip(keys, widths))]
+    for row in result["snn"]:
+        lines.append("  ".join(f"{COLUMNS[key][1].format(row[key]):>{w}}" for key, w in zip(keys, widths)))
     return "\n".join(lines)
 
 
 def _energy(method: str, ann: nn.Module, snn: nn.Module, x: torch.Tensor, steps: list[int]) -> list[float]:
-    """Energy per T: E_SNN/E_ANN (ECMT, §2.5), or the energy tool's SNN energy in mJ per sample (QCFS)."""
+    """Energy per T: E_SNN/E_ANN as the ECMT paper counts it (SOPs against the ANN's operations), or
+    the energy tool's SNN energy in mJ per sample (QCFS)."""
     if method == "ecmt":
         from spikeformers.models import ecmt
 
@@ -205,11 +222,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--softmax-p", type=float, default=0.0125, help="ECMT: θ_p = θ_n at the softmax output")
     parser.add_argument("--official-vit-fc2", action="store_true",
                         help="ECMT: the official code's fixed fc2 thresholds (0.25, 0.08) for models named *vit*")
-    parser.add_argument("--energy", action="store_true", help="also report energy per T on one test batch")
+    parser.add_argument("--energy", action="store_true", help="also report energy per T on one test batch (QCFS: mJ per sample; ECMT: E_SNN/E_ANN)")
     parser.add_argument("--no-ema", dest="use_ema", action="store_false", help="convert a checkpoint's raw weights, not its EMA weights")
     parser.add_argument("--json", default=None, help="write the result as JSON to this file")
     parser.add_argument("--plot", default=None, help="write the accuracy-vs-T plot (PNG) to this file")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar (it is shown on a terminal only)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads (default: the available CPUs but one; docs/training.md)")
     return parser
 
 
@@ -234,7 +255,10 @@ def run(argv: list[str] | None = None) -> dict:
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     steps = _checked_steps(parser, args)
-    ann, model_name, calib_set, test_set = _load_ann(args)
+    from spikeformers.train.distributed import set_threads
+
+    set_threads(args.threads)
+    ann, model_name, label, calib_set, test_set = _load_ann(args)
     calibration = None
     if args.method == "ecmt":
         calibration = calibration_batches(calib_set, args.batch_size, args.calib_batches)
@@ -245,12 +269,13 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     snn = convert(args.method, ann, calibration, T=steps[-1], **options)
     dtype = getattr(torch, args.dtype)
     loader = DataLoader(test_set, batch_size=args.batch_size)
-    result = {"method": args.method, "model": model_name, "dtype": args.dtype,
-              **evaluate_conversion(ann, snn, loader, steps, dtype, torch.device(args.device), args.max_samples)}
+    result = {"method": args.method, "model": model_name, "label": label, "dtype": args.dtype,
+              **evaluate_conversion(ann, snn, loader, steps, dtype, torch.device(args.device), args.max_samples,
+                                    progress=f"{args.method} T=1..{steps[-1]}" if args.progress else None)}
     if args.energy:
         x = next(iter(loader))[0][: args.batch_size].to(args.device, dtype)
         for row, energy in zip(result["snn"], _energy(args.method, ann, snn, x, steps)):
-            row["energy"] = energy
+            row[ENERGY_FIELD[args.method]] = energy
     print(_table(result))
     if args.json:
         atomic_write(args.json, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))

@@ -3,6 +3,7 @@ signals, and what the ranks must agree on (loss sums, BatchNorm statistics)."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 from typing import Iterable, Iterator
@@ -14,7 +15,59 @@ from torch.utils.data import Sampler
 from spikeformers.train.data import sample_seed
 
 __all__ = ["Dist", "EpochSampler", "PreemptionFlag", "StopRequested", "until_stopped", "mean_across", "gather_floats",
-           "broadcast_buffers", "check_replicas_in_sync"]
+           "broadcast_buffers", "check_replicas_in_sync", "available_cpus", "auto_threads", "set_threads"]
+
+
+# --- CPU threads --------------------------------------------------------------------------------
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (taskset, SLURM's cgroup cpuset), capped
+    by a cgroup CPU quota (docker --cpus, Kubernetes limits), which ``os.cpu_count()`` ignores."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cpus, math.ceil(quota)) if quota else cpus)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """CPUs granted by a cgroup CPU quota (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``); None: no quota."""
+    readings = (("/sys/fs/cgroup/cpu.max",), ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"))
+    for files in readings:
+        try:
+            quota, period = " ".join(open(f).read() for f in files).split()[:2]
+            return None if quota in ("max", "-1") else int(quota) / int(period)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def auto_threads(cpus: int | None = None, processes: int | None = None) -> int:
+    """``trainer.threads=null``: intra-op threads for one process, its share of the available CPUs
+    but one (``processes``: training processes on this node, torchrun's LOCAL_WORLD_SIZE); the CPU
+    left over serves the data loader, the system and other programs. Oversubscribing is what costs:
+    a step's OpenMP threads wait for each other, so one thread that another program pre-empts stalls
+    the whole step (on 2 shared CPUs a 2-thread epoch took several times as long as a 1-thread one).
+    The choice depends on the machine only, not on its momentary load, so reruns are bit-identical."""
+    cpus = available_cpus() if cpus is None else cpus
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if processes is None else processes
+    return max(1, (cpus - 1) // max(processes, 1))
+
+
+def set_threads(threads: int | None) -> int:
+    """Apply ``trainer.threads`` (None: :func:`auto_threads`, unless ``OMP_NUM_THREADS`` is set,
+    which then wins as it does for torch); returns the number of intra-op threads in use."""
+    if threads is None and os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    count = auto_threads() if threads is None else int(threads)
+    torch.set_num_threads(count)
+    try:  # inter-op threads can be set once, before any inter-op work has started
+        torch.set_num_interop_threads(count)
+    except RuntimeError:
+        pass
+    return torch.get_num_threads()
 
 
 class Dist:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib import resources
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -27,8 +29,9 @@ from spikeformers.models.errors import UserError
 from spikeformers.models.factory import build_model, checkpoint_model_name, load_model_weights, read_checkpoint, training_checkpoint
 from spikeformers.models.neurons import LIF
 from spikeformers.models.serialization import atomic_write
-from spikeformers.train.cli import EVAL_FIELDS, ArgumentParser, check_fields, compose_config, user_errors
+from spikeformers.train.cli import EVAL_FIELDS, ArgumentParser, check_fields, compose_config, progress_bar, user_errors
 from spikeformers.train.data import DataInfo, build_datasets
+from spikeformers.train.distributed import set_threads
 
 __all__ = ["evaluate", "ShardSampler", "to_model_input", "trained_configs", "run_eval", "main"]
 
@@ -94,8 +97,10 @@ class FiringRate:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, info: DataInfo, device: torch.device, world: int = 1) -> dict:
-    """Plain cross-entropy, top-1/top-5 (%) and firing rate over the whole loader (all ranks)."""
+def evaluate(model: torch.nn.Module, loader: DataLoader, info: DataInfo, device: torch.device, world: int = 1,
+             progress: str | None = None) -> dict:
+    """Plain cross-entropy, top-1/top-5 (%) and firing rate over the whole loader (all ranks).
+    ``progress``: the label of a progress bar over the batches (on a terminal only)."""
     was_training, per_step = model.training, getattr(model, "per_step_logits", False)
     model.eval()
     model.per_step_logits = False
@@ -103,7 +108,8 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, info: DataInfo, device:
     sums = torch.zeros(5, dtype=torch.float64)  # loss, top1, top5, n, tokens (adaptive-token models)
     baseline = None
     try:
-        for images, target in loader:
+        batches = progress_bar(loader, total=len(loader), desc=progress) if progress else loader
+        for images, target in batches:
             images, target = to_model_input(images, info, device), target.to(device)
             logits = model(images).float()
             k = min(5, logits.shape[1])
@@ -137,6 +143,33 @@ def trained_configs(state: dict) -> tuple[DictConfig, DictConfig]:
     return trained.model, trained.data
 
 
+def model_label(state: dict, path: str | Path | None = None) -> str:
+    """The model's name as the user chose it: the ``model=`` config of the training run when that
+    config names this model (``vit_digits (vit_tiny_patch16_224)``, not the timm name alone), else
+    the model name. The choice comes from the checkpoint, or for older checkpoints from the run
+    folder's ``.hydra/hydra.yaml``."""
+    name = checkpoint_model_name(state) or state["config"]["model"]["name"]
+    choice = (state.get("choices") or _run_folder_choices(path)).get("model")
+    if not choice or choice == name:
+        return name
+    try:
+        named = OmegaConf.load(resources.files("spikeformers.configs") / "model" / f"{choice}.yaml").get("name")
+    except (OSError, ValueError):
+        return name
+    return f"{choice} ({name})" if named == name else name
+
+
+def _run_folder_choices(path: str | Path | None) -> dict:
+    """``hydra.runtime.choices`` of the run folder that holds ``path`` (RUN/checkpoints/x.pt)."""
+    if path is None:
+        return {}
+    hydra_yaml = Path(path).resolve().parent.parent / ".hydra" / "hydra.yaml"
+    try:
+        return dict(OmegaConf.load(hydra_yaml).hydra.runtime.choices)
+    except Exception:  # no run folder around the file, or not Hydra's: the model name is shown
+        return {}
+
+
 def run_eval(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """Evaluate the configured checkpoint, weights file or pretrained model; print a table; write
     JSON. ``overrides`` are the command line's: ``data=NAME`` replaces a checkpoint's data set,
@@ -147,6 +180,7 @@ def run_eval(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> di
     if state is not None and state.get("num_classes", info.num_classes) != info.num_classes:
         raise UserError(f"checkpoint {cfg.checkpoint} has {state['num_classes']} classes but data={info.name} has {info.num_classes}",
                         hint="evaluate on the data set the checkpoint was trained on (drop data=...)")
+    set_threads(cfg.get("threads"))
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_model(model_cfg, info).to(device)
     if state is not None:
@@ -158,7 +192,8 @@ def run_eval(cfg: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> di
         calibration = calibration_batches(train_set, cfg.batch_size, 4) if cfg.convert == "ecmt" else None
         model = convert(cfg.convert, model.cpu(), calibration, T=cfg.convert_T).to(device)
     loader = DataLoader(test_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
-    result = _result(cfg, model_cfg.name, info.name, evaluate(model, loader, info, device))
+    stats = evaluate(model, loader, info, device, progress=f"eval {info.name}" if cfg.get("progress", True) else None)
+    result = _result(cfg, model_cfg.name, info.name, stats)
     width = max(len(k) for k in result)
     print("\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in result.items()))
     if cfg.json:

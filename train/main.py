@@ -12,7 +12,8 @@ EMA, loss), :func:`restore` (resume), then per epoch :func:`train_one_epoch` and
 Reproducibility: the sample order and every augmentation are seeded by (seed, epoch, step), so
 ``resume=<checkpoint>`` (or ``resume=auto``) continues exactly where the checkpoint left off.
 SIGTERM/SIGUSR1/SIGUSR2 (preemption) and SIGINT (Ctrl-C) write a checkpoint at the next step
-boundary and exit (0 after preemption, 130 after Ctrl-C). One training at a time holds a run folder,
+boundary and exit (75, EX_TEMPFAIL, after preemption; 130 after Ctrl-C); the run folder's ``status``
+file says in one line how the run stands (running, finished, preempted, interrupted, failed). One training at a time holds a run folder,
 and a new run never replaces an earlier run's files unless told to (``overwrite=true``).
 """
 
@@ -51,13 +52,14 @@ from spikeformers.train.checkpoint import (RunFolderError, RunFolderLock, atomic
                                            save_checkpoint, set_rng_state)
 from spikeformers.train.data import DataInfo, EpochSeeded, build_datasets, sample_seed
 from spikeformers.train.distributed import (Dist, EpochSampler, PreemptionFlag, StopRequested, broadcast_buffers,
-                                            check_replicas_in_sync, gather_floats, mean_across, until_stopped)
+                                            check_replicas_in_sync, gather_floats, mean_across, set_threads,
+                                            until_stopped)
 from spikeformers.train.evaluate import ShardSampler, evaluate, to_model_input
 from spikeformers.train.logging import MetricsCsv, NullLogger, WandbLogger, plot_curves
 from spikeformers.train.losses import TrainingLoss, build_loss, build_mixup, distillation_loss, tet_loss
 
 __all__ = ["train", "main", "build", "restore", "train_one_epoch", "end_of_epoch", "Job", "Progress", "Interrupted",
-           "build_model", "tet_loss", "distillation_loss"]
+           "Preempted", "PREEMPTED_EXIT", "STATUS_FILE", "build_model", "tet_loss", "distillation_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +133,23 @@ def checkpoint_state(job: Job, progress: Progress, partial_by_rank: list[list[fl
         "partial_loss_by_rank": partial_by_rank or [[progress.loss_sum, progress.loss_count]],
         "best": progress.best, "history": progress.history,
         "rng": rng_state(),
+        "threads": torch.get_num_threads(),  # float sums depend on it: a resume keeps the run's count
         "model_name": job.cfg.model.name,
+        "choices": _hydra_choices(),  # the config names the user picked (model=vit_digits): what tools show
         "num_classes": job.info.num_classes,
         "config": OmegaConf.to_container(job.cfg, resolve=True),
     }
+
+
+def _hydra_choices() -> dict[str, str | None]:
+    """The config-group options of this run (``model: vit_digits``, ``experiment: ecmt_digits``);
+    empty outside a Hydra run (``train(cfg)`` called from Python)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    choices = HydraConfig.get().runtime.choices
+    return {str(k): (None if v is None else str(v)) for k, v in choices.items() if not str(k).startswith("hydra")}
 
 
 # --- build --------------------------------------------------------------------------------------
@@ -221,6 +236,8 @@ def restore(job: Job, path: Path | None) -> Progress:
         job.ema.load_state_dict(state["ema"])
     if state.get("scaler") is not None:
         job.scaler.load_state_dict(state["scaler"])  # a no-op when this run's scaler is disabled
+    if state.get("threads") and job.cfg.trainer.get("threads") is None and not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(state["threads"])  # auto may differ on another machine; the run's count stays exact
     loss_sum, loss_count = _own_partial_loss(state, job.ctx)
     progress = Progress(state["epoch"], state["batch_in_epoch"], state["global_step"], loss_sum, loss_count,
                         state["best"], state["history"])
@@ -311,9 +328,12 @@ def _ignore_ctrl_c(worker_id: int) -> None:
 
 
 def _checkpoint_and_say_why(job: Job, progress: Progress, report: Report, stop: PreemptionFlag) -> None:
-    """A stop signal: write ``last.pt`` where the run stands and say so in one line."""
+    """A stop signal: write ``last.pt`` where the run stands, then the run's status, and say so in
+    one line (the status first: under submitit the signal's next handler exits the process)."""
     report.checkpoint(job, progress)
     why = "interrupted" if stop.interrupted else "preempted"
+    report.status(f"{why}: {stop.signal.name} at epoch {progress.epoch}, step {progress.batch}; "
+                  f"checkpoint {job.last_checkpoint}; resume=auto continues")
     report.say(f"{why}: saved {job.last_checkpoint} at epoch {progress.epoch}, step {progress.batch} "
                f"({stop.signal.name}); resume=auto continues; exiting")
 
@@ -446,6 +466,11 @@ class Report:
         if self.primary:
             print(message, flush=True)
 
+    def status(self, line: str) -> None:
+        """The run folder's one-line status (:func:`write_status`); rank 0 writes it."""
+        if self.primary:
+            write_status(self.out_dir, line)
+
     def epoch_done(self, job: Job, progress: Progress, row: dict, improved: bool) -> None:
         """The checkpoint first, then what derives from it: a kill between these writes leaves
         files that a resume puts right (:meth:`agree_with_history`)."""
@@ -470,6 +495,8 @@ class Report:
         if not progress.history:
             return
         best, final = progress.best, progress.history[-1]["test_top1"]
+        self.status(f"finished: best top-1 {best['top1']:.2f}% (epoch {best['epoch'] + 1}), final {final:.2f}%; "
+                    f"{len(progress.history)} epochs")
         self.say(f"done: best top-1 {best['top1']:.2f}% (epoch {best['epoch'] + 1}), final {final:.2f}%; "
                  f"checkpoints in {self.best_checkpoint.parent}")
 
@@ -514,6 +541,26 @@ def _duration(seconds: float) -> str:
 # --- the run ------------------------------------------------------------------------------------
 
 
+# sysexits.h EX_TEMPFAIL ("temporary failure; the user is invited to retry"): the run was stopped
+# by a scheduler's signal after its checkpoint and continues with resume=auto. Not 0, so a scheduler
+# (or a script around torchrun) does not count the job as done; not 1, so it is not a crash.
+PREEMPTED_EXIT = 75
+# <run folder>/status: one line, its first word the state: running, finished, preempted, interrupted, failed
+STATUS_FILE = "status"
+
+
+def write_status(out_dir: Path, line: str) -> None:
+    atomic_write(Path(out_dir) / STATUS_FILE, lambda p: p.write_text(line + "\n"))
+
+
+class Preempted(SystemExit):
+    """A scheduler's stop signal (SIGTERM, SIGUSR1, SIGUSR2) ended the run after its checkpoint:
+    exit status :data:`PREEMPTED_EXIT`."""
+
+    def __init__(self) -> None:
+        super().__init__(PREEMPTED_EXIT)
+
+
 class Interrupted(SystemExit):
     """Ctrl-C (SIGINT) stopped the run after its checkpoint: exit status 130 (128 + SIGINT), as
     shells report a program that Ctrl-C ended, and no traceback."""
@@ -529,12 +576,35 @@ def train(cfg: DictConfig) -> dict:
     ctx = Dist(cfg.trainer.device)
     try:
         with _claimed_run_folder(cfg, ctx):
-            return _run(cfg, ctx)
+            try:
+                return _run(cfg, ctx)
+            except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint
+                _last_status(ctx, cfg, "interrupted: a second Ctrl-C stopped the run without a checkpoint")
+                raise
+            except Exception as error:
+                first = (str(error).strip().splitlines() or [""])[0][:300]
+                _last_status(ctx, cfg, f"failed: {type(error).__name__}: {first}")
+                raise
     finally:
         ctx.close()
 
 
+def _last_status(ctx: Dist, cfg: DictConfig, line: str) -> None:
+    """The status of a run that ends with an error; never hides that error (a read-only folder)."""
+    if ctx.primary:
+        try:
+            write_status(cfg.output_dir, line)
+        except OSError:
+            pass
+
+
 def _run(cfg: DictConfig, ctx: Dist) -> dict:
+    if ctx.primary:
+        write_status(cfg.output_dir, f"running: pid {os.getpid()}")
+    threads = set_threads(cfg.trainer.get("threads"))
+    chosen = cfg.trainer.get("threads")
+    log.info("CPU threads: %d (%s)", threads, f"trainer.threads={chosen}" if chosen else
+             "OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS") else "trainer.threads=null: the available CPUs but one")
     _seed(cfg, ctx)
     if ctx.primary:
         atomic_write(Path(cfg.output_dir) / "config.yaml", lambda p: p.write_text(OmegaConf.to_yaml(cfg, resolve=True)))
@@ -652,6 +722,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
             check_same_model(training_checkpoint(resume, "resume checkpoint"), cfg.model.name, resume,
                              hint="resume a run of the same model; a new model needs a new run folder")
         result = train(cfg)
+    if result.get("preempted"):  # after the checkpoint and the status line: tell the scheduler
+        raise Preempted
     return result.get("best_top1")
 
 
