@@ -568,3 +568,34 @@ def test_threads_field_is_applied_and_recorded_in_the_checkpoint(make_cfg, monke
         assert set_threads(None) == 2  # the user's OMP_NUM_THREADS wins over auto
     finally:
         torch.set_num_threads(before)
+
+
+# --- data mistakes caught when the data set is built ------------------------------------------------
+
+
+def test_cifar_root_one_level_too_deep_or_an_unextracted_archive_gets_a_hint(make_cfg, tmp_path):
+    _write_cifar(tmp_path / "data", "cifar10")
+    deep = tmp_path / "data" / "cifar-10-batches-py"
+    with pytest.raises(DatasetError, match="cifar10 not found") as err:
+        build_datasets(make_cfg("data=cifar10", f"data.root={deep}").data)
+    assert err.value.hint == f"data.root is one level too deep: give the folder that holds cifar-10-batches-py/, data.root={tmp_path / 'data'}"
+    archive_only = tmp_path / "download"
+    archive_only.mkdir()
+    (archive_only / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(DatasetError) as err:
+        build_datasets(make_cfg("data=cifar10", f"data.root={archive_only}").data)
+    assert err.value.hint == f"extract the archive first: tar -xzf {archive_only / 'cifar-10-python.tar.gz'} -C {archive_only}"
+
+
+def test_labels_outside_the_classes_are_caught_when_the_data_set_is_built(make_cfg, tmp_path):
+    """CIFAR-100's pickles (labels 0..99) put where data=cifar10 expects its own."""
+    _write_cifar(tmp_path / "c100", "cifar100", n=12)
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    entry = pickle.load(open(tmp_path / "c100" / "cifar-100-python" / "train", "rb"))
+    for file in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        pickle.dump({b"data": entry[b"data"], b"labels": entry[b"fine_labels"]}, open(folder / file, "wb"))
+    # labels 0..11 in each of the 5 training batches: 10 and 11 are outside, twice per batch
+    with pytest.raises(DatasetError, match=r"labels outside 0\.\.9 \(e\.g\. 10, 10 samples\)") as err:
+        build_datasets(make_cfg("data=cifar10", f"data.root={tmp_path / 'data'}").data)
+    assert "cifar100 has 100 classes" in err.value.hint

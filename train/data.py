@@ -34,7 +34,12 @@ __all__ = ["DatasetError", "DataInfo", "build_datasets", "EpochSeeded", "sample_
 
 
 class DatasetError(FileNotFoundError):
-    """A data set is missing or not in its expected layout (message: one line)."""
+    """A data set is missing or not in its expected layout (message: one line, and an optional
+    ``hint`` line, as :class:`spikeformers.models.errors.UserError` has)."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
 
 
 @dataclass(frozen=True)
@@ -143,7 +148,7 @@ class CifarPickle(Dataset):
         for file in files:
             path = base / file
             if not path.is_file():
-                raise DatasetError(f"{name} not found: expected {layout}; missing {path}")
+                raise DatasetError(f"{name} not found: expected {layout}; missing {path}", hint=_cifar_hint(Path(root), name))
             try:
                 with open(path, "rb") as f:
                     entry = pickle.load(f, encoding="bytes")
@@ -151,6 +156,10 @@ class CifarPickle(Dataset):
                 labels.extend(int(y) for y in entry[label_key])
             except Exception as err:  # wrong pickle content or keys
                 raise DatasetError(f"{name}: {path} is not a CIFAR pickle batch ({type(err).__name__}: {err})") from None
+        outside = [y for y in labels if not 0 <= y < self.num_classes]
+        if outside:  # caught here, not as an index error inside the loss once the model runs
+            raise DatasetError(f"{name}: {base} holds labels outside 0..{self.num_classes - 1} (e.g. {outside[0]}, "
+                               f"{len(outside)} samples)", hint=f"is it another data set than {name}? (cifar100 has 100 classes)")
         self.data = np.concatenate(data).transpose(0, 2, 3, 1)  # NHWC for PIL
         self.labels = labels
         self.transform = transform
@@ -161,6 +170,18 @@ class CifarPickle(Dataset):
     def __getitem__(self, index: int):
         image = Image.fromarray(self.data[index])
         return (self.transform(image) if self.transform else image), self.labels[index]
+
+
+def _cifar_hint(root: Path, name: str) -> str | None:
+    """What the user most likely did: gave the extracted folder itself as data.root (one level too
+    deep), or downloaded the archive without extracting it."""
+    folder, train_files, _, _, _ = _CIFAR[name]
+    if (root / train_files[0]).is_file() or root.name == folder:
+        return f"data.root is one level too deep: give the folder that holds {folder}/, data.root={root.parent}"
+    archive = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}[name]
+    if (root / archive).is_file():
+        return f"extract the archive first: tar -xzf {root / archive} -C {root}"
+    return None
 
 
 # --- TinyImageNet -------------------------------------------------------------------------------
