@@ -32,7 +32,7 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["LIF", "LIFFunction", "CompiledFunctions", "BACKENDS", "set_backend", "resolve_backend"]
+__all__ = ["LIF", "LIFFunction", "CompiledFunctions", "BACKENDS", "set_backend", "resolve_backend", "memory_order"]
 
 _logger = logging.getLogger(__name__)
 
@@ -156,21 +156,45 @@ class LIFFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_seq, tau, v_threshold, v_reset, detach_reset, alpha):
-        # [T, M]; copies only if x_seq is strided. detach() drops the view's link to its base,
+        # The loops run on the memory order of x_seq (time outermost), so a channels-last input
+        # gives channels-last spikes without a layout copy either way; the neuron is pointwise,
+        # so the values do not depend on the order. detach() drops the view's link to its base,
         # which torch.compile would otherwise guard on (one recompile per base layout).
-        flat = x_seq.reshape(x_seq.shape[0], -1).detach()
+        order = memory_order(x_seq)
+        dense = x_seq.permute(order)
+        flat = dense.reshape(x_seq.shape[0], -1).detach()  # [T, M]; copies only if x_seq overlaps or has gaps
         spikes, h_seq = _Loops.run(0, flat, tau, v_threshold, v_reset)
         ctx.save_for_backward(h_seq)
         ctx.params = (tau, v_threshold, v_reset, detach_reset, alpha)
-        ctx.x_shape, ctx.x_dtype = x_seq.shape, x_seq.dtype
-        return spikes.reshape(x_seq.shape)
+        ctx.order, ctx.dense_shape, ctx.x_dtype = order, dense.shape, x_seq.dtype
+        return _unpermute(spikes.reshape(dense.shape), order)
 
     @staticmethod
     def backward(ctx, grad_spikes):
         (h_seq,) = ctx.saved_tensors
-        grad = grad_spikes.reshape(h_seq.shape).detach()
+        grad = grad_spikes.permute(ctx.order).reshape(h_seq.shape).detach()
         grad_x = _Loops.run(1, grad, h_seq, *ctx.params)
-        return grad_x.reshape(ctx.x_shape).to(ctx.x_dtype), None, None, None, None, None
+        grad_x = _unpermute(grad_x.reshape(ctx.dense_shape), ctx.order)
+        return grad_x.to(ctx.x_dtype), None, None, None, None, None
+
+
+def memory_order(x: torch.Tensor) -> list[int]:
+    """The dims of ``x`` [T, ...] from outermost to innermost in memory, time first, when
+    ``x.permute(order)`` is contiguous (e.g. [T, B, C, H, W] made of channels-last maps:
+    T, B, H, W, C); else the identity order (a strided input is then copied once)."""
+    identity = list(range(x.dim()))
+    if x.is_contiguous():
+        return identity
+    order = [0] + sorted(range(1, x.dim()), key=lambda d: -x.stride(d))  # stable for equal strides
+    return order if x.permute(order).is_contiguous() else identity
+
+
+def _unpermute(x: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """Inverse of ``x.permute(order)``: a view with the dims back in their original positions."""
+    inverse = [0] * len(order)
+    for position, dim in enumerate(order):
+        inverse[dim] = position
+    return x.permute(inverse)
 
 
 class _FireSigmoid(torch.autograd.Function):
