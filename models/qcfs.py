@@ -90,6 +90,8 @@ class IFNeuron(nn.Module):
     from v(0) = θ/2. Input and output are [T·B, ...] with T folded into the batch; ``T`` is set
     by :class:`ConvertedSNN` before each forward. Spikes carry the amplitude θ (no weight scaling)."""
 
+    neuron_model = "if"  # for analysis tools (NeuroBench metrics, energy): an IF neuron, soft reset by θ
+
     def __init__(self, threshold: float) -> None:
         super().__init__()
         self.register_buffer("threshold", torch.tensor(float(threshold)))

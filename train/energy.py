@@ -19,6 +19,12 @@ plus the attention products, which have no weights:
 The ANN-equivalent energy is E_MAC × (Σ FLOPs + 2·N²·D per attention block): the same network
 with real-valued activations and vanilla self-attention, no softmax or scaling counted.
 Readings the spec leaves open are options (:class:`EnergyConfig`), defaults as documented.
+
+Version 2 (:func:`analyze_v2`) adds three views to the same run, under ``"v2"`` in the JSON (every
+legacy key is kept): NeuroBench's metrics (:mod:`spikeformers.train.neurobench`), a memory-aware
+model of the SNN and of int8/fp32 ANNs with break-even firing rates
+(:mod:`spikeformers.train.energy_ma`), and published chips' energies with a fits-on-chip report
+(:mod:`spikeformers.train.energy_hw`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +42,8 @@ import torch
 from torch import nn
 
 
-__all__ = ["EnergyConfig", "LayerRecord", "EnergyReport", "analyze", "layer_flops", "attention_energy_ratio", "main"]
+__all__ = ["EnergyConfig", "LayerRecord", "EnergyReport", "analyze", "analyze_v2", "v2_tables", "layer_flops",
+           "attention_energy_ratio", "main"]
 
 PJ_TO_MJ = 1e-9
 
@@ -315,11 +323,157 @@ def attention_energy_ratio(N: int, D: int, T: int, rate: float, e_mac_pj: float 
     return (e_mac_pj * 2 * N * N * D) / (e_ac_pj * T * rate * N * D)
 
 
+# --- version 2: NeuroBench metrics, memory-aware model, hardware ---------------------------------
+
+V2_SCHEMA = "spikeformers-energy/2"
+PROFILE_NAMES = ("mem45-int8", "mem45-fp32", "lemaire", "legacy45")
+
+
+def analyze_v2(model: nn.Module, batches, report: EnergyReport | None = None, profiles=("mem45-int8",),
+               options: dict | None = None, neurobench: bool = True, memory: bool = True, chips: dict | None = None,
+               T: int | None = None, time_first: bool = False) -> dict:
+    """The ``"v2"`` block of the report: NeuroBench metrics, the memory-aware model for each of
+    ``profiles`` (``options`` replace profile options, e.g. ``{"dataflow": "reuse"}``; the legacy
+    ``report`` is needed for ``legacy45``) and the hardware profiles (``chips``; default the
+    built-in table). ``batches`` must be re-iterable (a list): the model runs once more."""
+    from spikeformers.train import energy_hw, energy_ma
+    from spikeformers.train.neurobench import collect, neurobench_metrics
+
+    counts = collect(model, batches, T=T, time_first=time_first)
+    nb = neurobench_metrics(model, counts)
+    out: dict = {"schema": V2_SCHEMA, "n_samples": counts.samples, "T": counts.T}
+    if neurobench:
+        out["neurobench"] = nb
+    warnings = []
+    if memory:
+        blocks = {}
+        for name in profiles:
+            if name == "legacy45":
+                if report is None:
+                    raise ValueError("the legacy45 profile needs the legacy report")
+                blocks[name] = energy_ma.legacy45(report)
+            else:
+                blocks[name] = energy_ma.price(counts, energy_ma.profile(name, **(options or {})))
+        out["memory"] = {"profiles": blocks}
+        weight_bytes = sum(r.params for r in counts.rows if hasattr(r, "params"))  # at 8 bit
+        if weight_bytes > 1 << 20:
+            warnings.append(f"the weights take {weight_bytes / 2**20:.1f} MB at 8 bit, beyond the SRAM curve's 1 MB "
+                            f"clamp: per-layer SRAMs that large are optimistic (--weights-in dram prices DRAM reads)")
+    out["hardware"] = energy_hw.hardware_report(counts, nb, chips)
+    out["not_modelled"] = list(energy_ma.NOT_MODELLED)
+    out["warnings"] = warnings
+    out["_counts"] = counts  # for plots; dropped from the JSON
+    return out
+
+
+def _fmt(x, spec=",.1f") -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    return format(x, spec)
+
+
+def v2_tables(v2: dict) -> str:
+    """The NeuroBench block, the memory-aware table of the first profile and the hardware block."""
+    lines = []
+    nb = v2.get("neurobench")
+    if nb:
+        syn = nb["SynapticOperations"]
+        lines += ["", f"NeuroBench metrics ({nb['version_reference']} definitions, per sample)",
+                  f"  ParameterCount {nb['ParameterCount']:,}   Footprint {nb['Footprint']:,} B   "
+                  f"ConnectionSparsity {nb['ConnectionSparsity']}   ActivationSparsity {nb['ActivationSparsity']:.4f}",
+                  f"  SynapticOperations  Effective_MACs {syn['Effective_MACs']:,.0f}   Effective_ACs {syn['Effective_ACs']:,.0f}   "
+                  f"Dense {syn['Dense']:,.0f}",
+                  f"  MembraneUpdates {nb['MembraneUpdates']:,.0f} (dense {nb['ext']['MembraneUpdates_dense']:,.0f})   "
+                  f"ext attention ACs {nb['ext']['attention_synops']['Effective_ACs']:,.0f}"]
+        head = f"  {'layer':<34} {'call':<4} {'Eff_MACs':>12} {'Eff_ACs':>12} {'Dense':>12} {'sparsity':>8} {'updates':>10}"
+        lines += [head]
+        for r in nb["layers"]:
+            lines.append(f"  {r['name'][:34]:<34} {r['call_type'] or '-':<4} {_fmt(r['Effective_MACs'], ',.0f'):>12} "
+                         f"{_fmt(r['Effective_ACs'], ',.0f'):>12} {_fmt(r['Dense'], ',.0f'):>12} {_fmt(r['sparsity'], '.3f'):>8} "
+                         f"{_fmt(r['membrane_updates'], ',.0f'):>10}")
+    memory = v2.get("memory", {}).get("profiles", {})
+    first = next((n for n in memory if n != "legacy45"), None)
+    if first:
+        block = memory[first]
+        lines += ["", f"memory-aware energy, profile {first} (pJ per sample; dataflow {block['params']['options']['dataflow']}, "
+                      f"first layer {block['params']['options']['first_layer']})"]
+        head = (f"  {'layer':<30} {'role':<9} {'in':<9} {'rate':>6} {'S_eff':>11} {'compute':>10} {'weights':>10} {'io':>10} "
+                f"{'membrane':>10} {'addr':>9} {'total':>11} {'ANN int8':>10} {'ANN fp32':>10} {'r*':>7}")
+        lines += [head]
+        for r in block["rows"]:
+            e = r["E_pJ"]
+            lines.append(f"  {r['name'][:30]:<30} {r['role']:<9} {r['input_type'][:9]:<9} {_fmt(r['rate'], '.3f'):>6} "
+                         f"{_fmt(r['counts'].get('S_eff'), ',.0f'):>11} {e['compute']:>10,.1f} {e['weights']:>10,.1f} {e['io']:>10,.1f} "
+                         f"{e['membrane']:>10,.1f} {e['addressing']:>9,.1f} {e['total']:>11,.1f} "
+                         f"{r['ann_pJ'].get('int8_naive', 0):>10,.1f} {r['ann_pJ'].get('fp32_naive', 0):>10,.1f} "
+                         f"{_fmt(r['r_star'].get('int8_naive'), '.3f'):>7}")
+    for name, block in memory.items():
+        snn, ann, be = block["snn"]["total_pJ"], block["ann"], block["break_even"]
+        if name == "legacy45":
+            lines.append(f"  {name}: SNN {snn:,.1f} pJ, ANN fp32 {ann['fp32_legacy_pJ']:,.1f} pJ; break-even r* "
+                         f"{_fmt(be['uniform_rate'], '.4f')} ({be['status']})")
+            continue
+        ratios = "  ".join(f"ANN {k[:-3].replace('_', ' ')} {v:,.1f} pJ ({snn / v:.3g}x)" for k, v in ann.items()
+                           if v and k in ("int8_naive_pJ", "int8_reuse_pJ", "fp32_naive_pJ", "fp32_reuse_pJ"))
+        lines.append(f"  {name}: SNN {snn:,.1f} pJ;  {ratios}")
+        all_be = block["break_even_all"]
+        lines.append("    break-even uniform rate r* (ρ* = r*·T spikes per synapse):  " + "  ".join(
+            f"{k.replace('_', ' ')} {_fmt(all_be[k]['uniform_rate'], '.4f')} ({all_be[k]['status']})"
+            for k in ("int8_naive", "int8_reuse", "fp32_naive", "fp32_reuse", "qnn_equiv_naive") if k in all_be))
+        lines.append(f"    measured rates scaled by s* to break even with int8 naive: {_fmt(be['scale_margin'], '.3f')} "
+                     f"({'the SNN wins with that margin' if (be['scale_margin'] or 0) > 1 else 'the SNN loses at its measured rates'})")
+    hw = v2.get("hardware")
+    if hw:
+        lines += ["", "hardware profiles (per sample; ✘ = value not confirmed in a primary source)",
+                  f"  {'chip':<11} {'energy pJ':>12} {'unmapped':<36} {'neurons':>10} {'synapses':>14} {'chips':>6} {'fits':>5}"]
+        for name, h in hw.items():
+            mark = "✘" if any("unverified" in str(v) for v in h["status"].values()) else ""
+            f = h["fits"]
+            lines.append(f"  {name + mark:<11} {_fmt(h['energy_pJ']):>12} {','.join(h['unmapped']) or '-':<36} "
+                         f"{f['neurons_required']:>10,} {f['synapses_required']:>14,.0f} {_fmt(f['chips_needed'], 'd'):>6} "
+                         f"{_fmt(f['fits_one_chip'], ''):>5}")
+    if v2.get("memory"):
+        lines += ["", "not modelled: " + ", ".join(v2["not_modelled"])]
+    return "\n".join(lines)
+
+
+def v2_json(v2: dict) -> dict:
+    return {k: v for k, v in v2.items() if not k.startswith("_")}
+
+
+def v2_csv(v2: dict) -> str:
+    """The memory-aware rows of every profile, one line per (profile, row)."""
+    buffer = io.StringIO()
+    fields = ["profile", "name", "role", "input_type", "T", "rate", *("E_" + t for t in
+              ("compute", "weights", "io", "membrane", "addressing", "bias", "total")), "ANN_int8_naive", "ANN_fp32_naive",
+              "r_star_int8_naive"]
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for name, block in v2.get("memory", {}).get("profiles", {}).items():
+        for r in block["rows"]:
+            writer.writerow({"profile": name, "name": r["name"], "role": r["role"], "input_type": r.get("input_type"),
+                             "T": r.get("T"), "rate": r.get("rate"),
+                             **{"E_" + t: r["E_pJ"].get(t, 0.0) for t in ("compute", "weights", "io", "membrane", "addressing",
+                                                                          "bias", "total")},
+                             "ANN_int8_naive": r.get("ann_pJ", {}).get("int8_naive"),
+                             "ANN_fp32_naive": r.get("ann_pJ", {}).get("fp32_naive"),
+                             "r_star_int8_naive": r.get("r_star", {}).get("int8_naive")})
+    return buffer.getvalue()
+
+
 # --- charts ------------------------------------------------------------------------------------
 
 
-def plot_report(report: EnergyReport, out_dir: str | Path) -> list[Path]:
-    """firing_rates.png (input rate per layer and time step) and energy.png (by block and op)."""
+def _block_of(name: str) -> str:
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("block", "stage1", "stage2", "stage3", "stage4") and len(parts) > 1 else parts[0]
+
+
+def plot_report(report: EnergyReport, out_dir: str | Path, v2: dict | None = None) -> list[Path]:
+    """firing_rates.png (input rate per layer and time step), energy.png (by block and op, next to
+    the ANN), and with ``v2``: energy_vs_rate.png and energy_ma.png (see :func:`plot_v2`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -333,34 +487,143 @@ def plot_report(report: EnergyReport, out_dir: str | Path) -> list[Path]:
     grid = torch.full((len(report.layers), steps), float("nan"))
     for i, r in enumerate(report.layers):
         grid[i, : len(r.rate_per_step)] = torch.tensor(r.rate_per_step)
-    fig, ax = plt.subplots(figsize=(2 + 0.6 * steps, 1 + 0.22 * len(report.layers)))
-    im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=0)
-    ax.set_yticks(range(len(report.layers)), [r.name for r in report.layers], fontsize=6)
+    n = len(report.layers)
+    names = [f"{r.name} ({r.input_type})" for r in report.layers]
+    width = 3.5 + 0.055 * max(len(s) for s in names) + 0.5 * steps
+    fig, ax = plt.subplots(figsize=(width, 1.6 + 0.24 * n))
+    im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=max(1e-6, float(grid.nan_to_num(0).max())))
+    ax.set_yticks(range(n), names, fontsize=8)
     ax.set_xticks(range(steps), [str(t) for t in range(steps)])
-    ax.set(xlabel="time step", title=f"{report.model}: input firing rate")
-    fig.colorbar(im, ax=ax)
+    ax.set(xlabel="time step", title=f"{report.model}: input firing rate per layer")
+    fig.colorbar(im, ax=ax, label="input firing rate (fraction of non-zero entries)")
     fig.tight_layout()
     paths.append(atomic_write(out_dir / "firing_rates.png", lambda p: fig.savefig(p, dpi=110, format="png")))
     plt.close(fig)
 
     by_block: dict[str, dict[str, float]] = {}
     for r in report.layers:
-        parts = r.name.split(".")
-        block = ".".join(parts[:2]) if parts[0] == "block" else parts[0]
-        by_block.setdefault(block, {}).setdefault(r.op, 0.0)
-        by_block[block][r.op] += r.energy_mJ
+        by_block.setdefault(_block_of(r.name), {}).setdefault(r.op, 0.0)
+        by_block[_block_of(r.name)][r.op] += r.energy_mJ * 1e6  # nJ
     ops = sorted({op for d in by_block.values() for op in d})
-    fig, ax = plt.subplots(figsize=(1.5 + 0.8 * len(by_block), 3.5))
+    fig, (ax, ax_total) = plt.subplots(1, 2, figsize=(3.5 + 0.7 * len(by_block), 4.2),
+                                       gridspec_kw={"width_ratios": [max(len(by_block), 2), 1.2]})
     bottom = [0.0] * len(by_block)
     for op in ops:
         values = [by_block[b].get(op, 0.0) for b in by_block]
         ax.bar(list(by_block), values, bottom=bottom, label=op)
         bottom = [a + b for a, b in zip(bottom, values)]
-    ax.set(ylabel="energy per sample (mJ)", title=f"energy by block and op (total {report.total_energy_mJ:.4f} mJ)")
+    ax.set(ylabel="energy per sample (nJ)", title="SNN energy by block and op")
+    ax.tick_params(axis="x", labelrotation=45, labelsize=8)
     ax.legend(fontsize=7)
+    snn, ann = report.total_energy_mJ * 1e6, report.ann_energy_mJ * 1e6
+    ax_total.bar(["SNN", "ANN"], [snn, ann], color=["tab:blue", "tab:gray"])
+    ax_total.set(ylabel="nJ per sample", title=f"ANN / SNN = {ann / max(snn, 1e-30):.1f}x")
+    fig.suptitle(f"{report.model}: legacy estimate (E_AC {report.config.e_ac_pj} pJ, E_MAC {report.config.e_mac_pj} pJ)", fontsize=9)
     fig.tight_layout()
     paths.append(atomic_write(out_dir / "energy.png", lambda p: fig.savefig(p, dpi=110, format="png")))
     plt.close(fig)
+    if v2 is not None and v2.get("memory"):
+        paths += plot_v2(report, v2, out_dir)
+    return paths
+
+
+def plot_v2(report: EnergyReport, v2: dict, out_dir: str | Path) -> list[Path]:
+    """energy_vs_rate.png: energy per sample against a uniform firing rate (top axis ρ = r·T) for
+    the legacy estimate and each memory-aware profile (dashed: dense execution), the ANN
+    baselines as horizontal lines, the model's measured mean rate, the break-even crossings and
+    Dampfhoffer et al.'s break-even range ρ ∈ [0.15, 1.38]; a second panel puts each layer's
+    measured rate against its break-even rate. energy_ma.png: the first profile's energy by block
+    and term."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from spikeformers.train import energy_ma
+    from spikeformers.train.checkpoint import atomic_write
+
+    out_dir = Path(out_dir)
+    T = report.T
+    profiles = v2["memory"]["profiles"]
+    r = np.linspace(0, 1, 201)
+    fig, (ax, ax_layers) = plt.subplots(1, 2, figsize=(15, 5), gridspec_kw={"width_ratios": [1.6, 1]})
+    legacy = energy_ma.legacy45(report)
+    curves = [("SNN legacy (compute only)", legacy["curve"], "k", "-")]
+    colours = iter(["tab:blue", "tab:orange", "tab:green", "tab:purple"])
+    for name, block in profiles.items():
+        if name == "legacy45":
+            continue
+        colour = next(colours)
+        curves.append((f"SNN {name}", block["curve"], colour, "-"))
+        dense = energy_ma.price(v2["_counts"], energy_ma.profile(name, **{**block["params"]["options"], "execution": "dense",
+                                                                         "counts": block["params"]["counts"]}))
+        curves.append((f"SNN {name}, dense execution", dense["curve"], colour, "--"))
+    for label, c, colour, style in curves:
+        ax.plot(r, (c["A"] + c["L"] * r + c["Q"] * r ** 2) / 1e6, color=colour, linestyle=style, label=label)
+    first = next((n for n in profiles if n != "legacy45"), None)
+    lines = [("ANN fp32 legacy (4.6 pJ/MAC)", report.ann_energy_mJ * 1e9, "k", ":")]
+    if first:
+        ann = profiles[first]["ann"]
+        lines += [(f"ANN int8 naive ({first})", ann["int8_naive_pJ"], "tab:red", "-."),
+                  (f"ANN int8 reuse ({first})", ann["int8_reuse_pJ"], "tab:red", ":"),
+                  (f"ANN fp32 naive ({first})", ann["fp32_naive_pJ"], "tab:brown", "-."),
+                  (f"ANN fp32 reuse ({first})", ann["fp32_reuse_pJ"], "tab:brown", ":")]
+    for label, value, colour, style in lines:
+        ax.axhline(value / 1e6, color=colour, linestyle=style, linewidth=1, label=label)
+    for label, c, colour, style in curves[:2]:  # label the crossings of the legacy and the first profile's curve
+        for _, value, _, _ in (lines[:1] if label.startswith("SNN legacy") else lines[1:]):
+            x = energy_ma.solve_break_even(c["A"], c["L"], c["Q"], value)
+            if x is not None and 0 <= x <= 1:
+                ax.plot([x], [value / 1e6], "o", color=colour, markersize=4)
+                ax.annotate(f"r*={x:.3f}", (x, value / 1e6), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.axvspan(min(0.15 / T, 1), min(1.38 / T, 1), color="0.9", label="[D23] break-even range ρ ∈ [0.15, 1.38]")
+    if first:
+        rows = [row for row in profiles[first]["rows"] if row["role"] == "synaptic" and row["rate"]]
+        weights = [row["rate_scaling_pJ"]["lin"] / row["rate"] for row in rows]
+        if sum(weights) > 0:
+            mean_rate = sum(w * row["rate"] for w, row in zip(weights, rows)) / sum(weights)
+            ax.axvline(mean_rate, color="tab:blue", linestyle="--", linewidth=1, label=f"measured mean rate {mean_rate:.3f}")
+    ax.set_yscale("log")
+    ax.set(xlabel="uniform input firing rate r", ylabel="energy per sample (µJ)", title=f"{report.model}: energy vs firing rate")
+    top = ax.secondary_xaxis("top", functions=(lambda x: x * T, lambda x: x / T))
+    top.set_xlabel(f"ρ = r·T spikes per synapse (T = {T})")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if first:
+        pts = [(row["rate"], row["r_star"].get("int8_naive"), row["name"]) for row in profiles[first]["rows"]
+               if row["role"] in ("synaptic", "attention") and row["rate"] and row["r_star"].get("int8_naive")]
+        if pts:
+            xs, ys = [p[0] for p in pts], [min(p[1], 1e3) for p in pts]
+            ax_layers.scatter(xs, ys, s=12)
+            lo, hi = min(xs + ys) / 2, max(xs + ys) * 2
+            ax_layers.plot([lo, hi], [lo, hi], color="0.5", linewidth=1)
+            ax_layers.set_xscale("log")
+            ax_layers.set_yscale("log")
+        ax_layers.set(xlabel="measured input rate r_ℓ", ylabel="break-even rate r*_ℓ (vs ANN int8 naive)",
+                      title="per layer: below the diagonal loses to the ANN")
+    fig.tight_layout()
+    paths = [atomic_write(out_dir / "energy_vs_rate.png", lambda p: fig.savefig(p, dpi=110, format="png"))]
+    plt.close(fig)
+    if first:
+        by_block: dict[str, dict[str, float]] = {}
+        for row in profiles[first]["rows"]:
+            for term in energy_ma.TERMS:
+                by_block.setdefault(_block_of(row["name"]), {}).setdefault(term, 0.0)
+                by_block[_block_of(row["name"])][term] += row["E_pJ"][term] / 1e3  # nJ
+        fig, ax = plt.subplots(figsize=(3.5 + 0.7 * len(by_block), 4.2))
+        bottom = [0.0] * len(by_block)
+        for term in energy_ma.TERMS:
+            values = [by_block[b][term] for b in by_block]
+            ax.bar(list(by_block), values, bottom=bottom, label=term)
+            bottom = [a + b for a, b in zip(bottom, values)]
+        ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+        snn, ann = profiles[first]["snn"]["total_pJ"], profiles[first]["ann"]["int8_naive_pJ"]
+        ax.set(ylabel="energy per sample (nJ)", title=f"{report.model}, {first}: SNN {snn / 1e3:,.1f} nJ, "
+                                                      f"ANN int8 {ann / 1e3:,.1f} nJ (naive)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(atomic_write(out_dir / "energy_ma.png", lambda p: fig.savefig(p, dpi=110, format="png")))
+        plt.close(fig)
     return paths
 
 
@@ -392,7 +655,20 @@ def _parser():
                         help="real-valued inputs after the first layer: counted as ACs (papers) or MACs")
     parser.add_argument("--json", help="write the report as JSON")
     parser.add_argument("--csv", help="write the per-layer table as CSV")
-    parser.add_argument("--plots", help="folder for firing_rates.png and energy.png")
+    parser.add_argument("--plots", help="folder for firing_rates.png, energy.png, energy_vs_rate.png and energy_ma.png")
+    v2 = parser.add_argument_group("version 2: NeuroBench metrics, memory-aware model, hardware (docs/energy.md)")
+    v2.add_argument("--profile", action="append", choices=PROFILE_NAMES, default=None,
+                    help="memory-aware profile, repeatable (default mem45-int8; the first one is tabled, all go to JSON)")
+    v2.add_argument("--dataflow", choices=["naive", "reuse"], default=None, help="SNN weight reads per event (naive) or ideal reuse")
+    v2.add_argument("--execution", choices=["event", "dense"], default=None, help="event-driven or dense (every synapse every step)")
+    v2.add_argument("--first-layer", choices=["auto", "executed", "once_cached"], default=None,
+                    help="the real-valued first layer runs every step, or once with its output cached (auto: once for images)")
+    v2.add_argument("--weights-in", choices=["per_layer_sram", "dram"], default=None, help="where the weights are read from")
+    v2.add_argument("--hw-file", help="JSON file of extra or replaced hardware profiles {chip: {field: value}}")
+    v2.add_argument("--no-neurobench", dest="neurobench", action="store_false", help="skip the NeuroBench block")
+    v2.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory-aware model")
+    v2.add_argument("--no-v2", dest="v2", action="store_false", help="the legacy table only (no second pass over the data)")
+    v2.add_argument("--csv-v2", help="write the memory-aware rows of every profile as CSV")
     return parser
 
 
@@ -467,6 +743,7 @@ def silent_network_warning(report: EnergyReport) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console script ``spikeformers-energy``; the user's mistakes end as one line (docs/errors.md)."""
+    from spikeformers.models.errors import UserError
     from spikeformers.train.checkpoint import atomic_write
     from spikeformers.train.cli import user_errors
     from spikeformers.train.evaluate import to_model_input
@@ -477,21 +754,46 @@ def main(argv: list[str] | None = None) -> int:
         model, test_set, info, name = _model_and_data(args)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(test_set, range(min(args.n, len(test_set)))),
                                              batch_size=args.batch_size)
-        report = analyze(model, (to_model_input(x, info, torch.device("cpu")) for x, _ in loader),
+        batches = [to_model_input(x, info, torch.device("cpu")) for x, _ in loader]
+        report = analyze(model, batches,
                          EnergyConfig(args.e_mac, args.e_ac, args.first_layer_times_T, args.integer_inputs, args.real_inputs),
                          model_name=name)
         print(report.table())
         warning = silent_network_warning(report)
         if warning:
             print(f"{parser.prog}: {warning}", file=sys.stderr)
+        v2 = None
+        if args.v2:
+            options = {k: v for k, v in (("dataflow", args.dataflow), ("execution", args.execution),
+                                         ("first_layer", args.first_layer), ("weights_in", args.weights_in)) if v}
+            from spikeformers.train.energy_hw import load_chips
+
+            v2 = analyze_v2(model, batches, report, profiles=tuple(args.profile or ["mem45-int8"]), options=options,
+                            neurobench=args.neurobench, memory=args.memory, chips=load_chips(args.hw_file))
+            print(v2_tables(v2))
+            for line in v2["warnings"]:
+                print(f"{parser.prog}: warning: {line}", file=sys.stderr)
+        elif args.csv_v2 or args.profile:
+            raise UserError("--csv-v2 and --profile need the version-2 pass", hint="drop --no-v2")
         if args.json:
-            atomic_write(args.json, lambda p: p.write_text(json.dumps(report.to_json(), indent=2) + "\n"))
+            payload = report.to_json()
+            if v2 is not None:
+                payload["v2"] = v2_json(v2)
+            atomic_write(args.json, lambda p: p.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n"))
         if args.csv:
             atomic_write(args.csv, lambda p: p.write_text(report.csv()))
+        if args.csv_v2:
+            atomic_write(args.csv_v2, lambda p: p.write_text(v2_csv(v2)))
         if args.plots:
-            for path in plot_report(report, args.plots):
+            for path in plot_report(report, args.plots, v2):
                 print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def _json_default(value):
+    if isinstance(value, set):
+        return sorted(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 if __name__ == "__main__":
