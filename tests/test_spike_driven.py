@@ -340,6 +340,19 @@ def test_user_errors():
         set_spike_mode(nn.Sequential(nn.Linear(2, 2)), "binary")
 
 
+def test_create_model_and_method_wiring():
+    # ``timm.create_model(..., spike_mode=...)`` and ``model.set_spike_mode(mode)`` call set_spike_mode
+    model = timm.create_model("sdtv3_tiny")
+    if not hasattr(model, "set_spike_mode"):
+        pytest.skip("sdt_v3 models do not offer set_spike_mode yet")
+    assert model.spike_mode == "integer" and get_spike_mode(model) == "integer"
+    assert model.set_spike_mode("binary") is model and get_spike_mode(model) == model.spike_mode == "binary"
+    binary = timm.create_model("sdtv3_tiny", spike_mode="binary")
+    assert get_spike_mode(binary) == binary.spike_mode == "binary"
+    with pytest.raises(UserError, match="spike_mode must be one of"):
+        timm.create_model("sdtv3_tiny", spike_mode="spikes")
+
+
 # --- large models ---------------------------------------------------------------------------------
 
 
@@ -371,3 +384,11 @@ def test_large_binary_equals_integer_in_float64():
     not_binary = {n for n, ts in binary_inputs.items() if not all(is_binary(t) for t in ts)}
     assert not_binary == real
     assert rel_diff(integer_logits, binary_logits) <= MAX_REL
+
+
+def test_docs_page_examples_run():
+    page = (Path(__file__).parents[1] / "docs" / "spike_driven.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in page.split("```python\n")[1:]]
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "docs/spike_driven.md", "exec"), {})
