@@ -17,6 +17,7 @@ import spikeformers  # noqa: F401  (registers the models)
 from spikeformers.models.layers import checkpoint_filter_fn
 from spikeformers.models.sdt_v3 import (
     Attention,
+    ilif_counts,
     SpikeCountFunction,
     SpikeCountNeuron,
     SpikeDrivenTransformerV3,
@@ -222,6 +223,72 @@ def test_neuron_keeps_dtype_shape_and_validates_arguments():
         SpikeCountNeuron(4, rounding="nearest")
     with pytest.raises(ValueError, match="grad_window"):
         SpikeCountNeuron(4, grad_window="half_open")
+
+
+# --- the paper's I-LIF over real time steps (option tau) -----------------------------------------
+
+
+def _counts(neuron: SpikeCountNeuron, x: list[float]) -> list[float]:
+    """Counts of ``neuron`` for a one-element input sequence x[t] ([T, 1])."""
+    out = neuron(torch.tensor(x, dtype=torch.float64)[:, None])[:, 0]
+    return (out * (neuron.max_spike_count if neuron.normalize else 1)).tolist()
+
+
+def test_ilif_three_steps_by_hand():
+    """U[t] = H[t−1] + X[t], S[t] = R(clamp(U, 0, D)), H[t] = β(U[t] − S[t]), β = 1 − 1/τ.
+
+    τ = 2 (β = 0.5), X = (1.7, 2.6, 0.4): U = 1.7 → S 2, H = −0.15; U = 2.45 → S 2, H = 0.225;
+    U = 0.625 → S 1. Stateless: (2, 3, 0)."""
+    assert _counts(SpikeCountNeuron(4, tau=2.0), [1.7, 2.6, 0.4]) == [2, 2, 1]
+    assert _counts(SpikeCountNeuron(4), [1.7, 2.6, 0.4]) == [2, 3, 0]
+    # ties: X = (0.5, 0.5, 0.5), β = 0.5. Half to even: U = 0.5 → 0, H = 0.25; U = 0.75 → 1, H = −0.125;
+    # U = 0.375 → 0. Half up: U = 0.5 → 1, H = −0.25; U = 0.25 → 0, H = 0.125; U = 0.625 → 1.
+    assert _counts(SpikeCountNeuron(4, tau=2.0), [0.5, 0.5, 0.5]) == [0, 1, 0]
+    assert _counts(SpikeCountNeuron(4, rounding="half_up", grad_window="open", tau=2.0), [0.5, 0.5, 0.5]) == [1, 0, 1]
+    # saturation: X = (7, 0, 0), D = 4: U = 7 → 4, H = 1.5; U = 1.5 → 2, H = −0.25; U = −0.25 → 0.
+    assert _counts(SpikeCountNeuron(4, normalize=False, tau=2.0), [7.0, 0.0, 0.0]) == [4, 2, 0]
+    # τ = 1 (β = 0): no memory, the stateless neuron
+    assert _counts(SpikeCountNeuron(4, tau=1.0), [1.7, 2.6, 0.4]) == [2, 3, 0]
+
+
+def test_ilif_is_spikingjellys_ilif_node():
+    """Base variant: values and gradients equal SpikingJelly 2.0's ILIFNode (multi-step, threshold 1,
+    MultiLevelSpikeCount(D), gradient through the reset)."""
+    from spikingjelly.activation_based import functional, neuron
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 64, dtype=torch.float64) * 2 + 1
+    for d, tau in ((4, 4 / 3), (8, 2.0)):
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours = SpikeCountNeuron(d, normalize=False, tau=tau)(a)
+        node = neuron.ILIFNode(tau=tau, v_threshold=1.0, surrogate_function=surrogate.MultiLevelSpikeCount(d), step_mode="m")
+        theirs = node(b)
+        functional.reset_net(node)
+        weights = torch.randn_like(x)
+        (ours * weights).sum().backward()
+        (theirs * weights).sum().backward()
+        assert torch.equal(ours, theirs)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+    assert torch.equal(ilif_counts(x[:1], torch.round, 0.25), torch.round(x[:1]))  # T = 1: the quantiser alone
+
+
+def test_ilif_makes_time_steps_real_and_T1_official():
+    torch.manual_seed(0)
+    plain = randomize_bn(timm.create_model("sdtv3_tiny", num_classes=5)).eval()
+    ilif = randomize_bn(timm.create_model("sdtv3_tiny", num_classes=5, tau=4 / 3)).eval()
+    ilif.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ilif(x), plain(x))  # T = 1: the official stateless network
+        ilif.T, ilif.per_step_logits = 3, True
+        steps = ilif(x)
+    assert not torch.equal(steps[0], steps[1]), "I-LIF steps of a repeated image should differ"
+    assert {m.tau for m in ilif.modules() if isinstance(m, SpikeCountNeuron)} == {4 / 3}
+    large = timm.create_model("sdtv3_imagenet_12_768", tau=2.0, depth=1, num_classes=3)
+    assert {m.tau for m in large.modules() if isinstance(m, SpikeCountNeuron)} == {2.0}
+    for bad in (0.5, -1, True, "2"):
+        with pytest.raises(ValueError, match="tau must be None"):
+            SpikeCountNeuron(4, tau=bad)
 
 
 # --- attention and blocks against step-by-step references ---------------------------------------
