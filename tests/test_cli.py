@@ -145,3 +145,25 @@ def test_convert_table_names_the_chosen_model_and_gives_every_column_its_unit(
     field = {"ecmt": "energy_ratio", "qcfs": "energy_mJ"}[method]
     assert saved["label"] == label and saved["model"] in label  # "model": the name to build it by
     assert all(field in row and "energy" not in row for row in saved["snn"])
+
+
+@pytest.mark.parametrize("module", ["evaluate", "energy", "convert", "hub_cli"])
+def test_every_option_of_every_tool_has_help_text(module, monkeypatch, capsys):
+    """Five CLIs, one style: --help explains every option (eval's shows --checkpoint and --json)."""
+    import argparse
+
+    silent = []
+    real_add = argparse._ActionsContainer.add_argument  # parsers, sub-command parsers and groups
+
+    def add_argument(self, *names, **kwargs):
+        if not kwargs.get("help") and kwargs.get("action") != "help":
+            silent.append(names)
+        return real_add(self, *names, **kwargs)
+
+    monkeypatch.setattr(argparse._ActionsContainer, "add_argument", add_argument)
+    with pytest.raises(SystemExit) as exit_info:
+        import_module(f"spikeformers.train.{module}").main(["--help"])
+    assert exit_info.value.code == 0 and not silent, silent
+    if module == "evaluate":
+        shown = capsys.readouterr().out
+        assert "--checkpoint" in shown and "--json" in shown and "KEY=VALUE" in shown

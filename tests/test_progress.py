@@ -32,6 +32,8 @@ def test_a_run_shows_epoch_k_of_n_with_eta_and_ends_with_one_summary_line(tmp_pa
     assert re.fullmatch(rf"done: best top-1 \d+\.\d\d% \(epoch [123]\), final \d+\.\d\d%; checkpoints in "
                         rf"{re.escape(str(run / 'checkpoints'))}", done)
     assert out.stdout.rstrip().splitlines()[-1] == done
+    logged = (run / "main.log").read_text()  # the run's log file gets the same lines
+    assert all(f"epoch {k}/3: " in logged for k in (1, 2, 3)) and done in logged
 
 
 def test_silent_layers_warn_after_warmup_and_only_inform_during_it(caplog):

@@ -463,8 +463,10 @@ class Report:
             save_checkpoint(checkpoint_state(job, progress, partial_by_rank), job.last_checkpoint)
 
     def say(self, message: str) -> None:
+        """A line for the terminal, and for the run's log file (Hydra's ``<run>/main.log``)."""
         if self.primary:
             print(message, flush=True)
+            _to_log_files(message)
 
     def status(self, line: str) -> None:
         """The run folder's one-line status (:func:`write_status`); rank 0 writes it."""
@@ -529,6 +531,14 @@ class Report:
         else:
             log.warning("%s does not hold the history's best epoch %d and its weights are gone; it is rewritten "
                         "when top-1 improves", self.best_checkpoint, best_epoch)
+
+
+def _to_log_files(message: str) -> None:
+    """``message`` into the log files of the root logger only (the terminal got it from print)."""
+    record = log.makeRecord(log.name, logging.INFO, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _duration(seconds: float) -> str:
