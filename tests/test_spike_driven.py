@@ -356,15 +356,22 @@ def test_create_model_and_method_wiring():
 # --- large models ---------------------------------------------------------------------------------
 
 
+LARGE = {  # config: (weight layers, real-input layers = stem + head + the second conv of each RepConv)
+    "sdtv3_imagenet_12_512_kd": (158, 1 + 1 + 12 * 5),  # rep_conv + q, k, v, proj RepConvs per block
+    "sdtv3_imagenet_12_768_kd": (134, 1 + 1 + 12 * 4),
+}
+
+
 @pytest.mark.skipif("sdtv3_imagenet_12_512_kd" not in timm.list_models("sdtv3_*"),
                     reason="the large E-SpikeFormer models are not registered")
-def test_large_binary_equals_integer_in_float64():
-    # the 83M architecture (12 blocks with rep_conv, linear attention Q(KᵀV), head on the real mean,
-    # head_kd on counts) at a quarter of its widths for CPU time (the layer structure is the same;
-    # the full widths are measured in docs/spike_driven.md); layer scales O(1) so that the attention
-    # branches reach the logits
+@pytest.mark.parametrize("config", sorted(LARGE))
+def test_large_binary_equals_integer_in_float64(config):
+    # the large architectures (12 blocks, rep_conv in the 83M one, linear attention Q(KᵀV), head on
+    # the real mean, head_kd on counts) at widths (32, 64, 128) for CPU time (the layer structure is
+    # the same; the full widths are measured in docs/spike_driven.md); layer scales O(1) so that the
+    # attention branches reach the logits
     torch.manual_seed(0)
-    model = timm.create_model("sdtv3_imagenet_12_512_kd", num_classes=10, embed_dim=(32, 64, 128))
+    model = timm.create_model(config, num_classes=10, embed_dim=(32, 64, 128))
     model = lively(model.double().eval())
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -373,10 +380,10 @@ def test_large_binary_equals_integer_in_float64():
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     integer_logits, counts, integer_inputs = observe(model, x)
     assert_attention_fires(counts, 4, "attn.attn_lif", "lif")
-    assert len(integer_inputs) == 158
+    n_layers, n_real = LARGE[config]
+    assert len(integer_inputs) == n_layers
     real = {n for n, ts in integer_inputs.items() if not all(is_on_count_grid(t, 4) for t in ts)}
-    # the stem, ``head`` (real mean) and the second conv of every RepConv (fed by a BN): 1 + 1 + 12·5
-    assert len(real) == 62 and {"downsample1_1.encode_conv", "head"} <= real
+    assert len(real) == n_real and {"downsample1_1.encode_conv", "head"} <= real
     assert all(n.endswith("conv2.0") for n in real - {"downsample1_1.encode_conv", "head"})
 
     set_spike_mode(model, "binary")
