@@ -92,6 +92,11 @@ _SPIKINGFORMER_SOURCE = "official Spikingformer release (github.com/zhouchenlin2
 _SDTV2_SOURCE = "official Meta-SpikeFormer release (github.com/BICLab/Spike-Driven-Transformer-V2 README, 55M_kd folder)"
 _QKFORMER_SOURCE = ("official QKFormer release (github.com/zhouchenlin2096/QKFormer; the links were removed from its README "
                     "in 2026-04, availability unknown)")
+_SDTV3_SOURCE = ("official E-SpikeFormer release (github.com/BICLab/Spike-Driven-Transformer-V3 README, Google Drive links; "
+                 "no published hashes)")
+_SDTV3_URL = "https://github.com/BICLab/Spike-Driven-Transformer-V3"
+_SDTV3_83M_NOTE = ("; the released 83M file reportedly has 768-wide rep_conv BNs (official issue #9): convert loads it if its "
+                   "rep_conv chain is consistent, else names the layers that do not fit")
 _QKFORMER_NOTE = ("; the released weights were trained with the batch-coupled SSA: build with legacy_tb_lif=True "
                   "(the default for pretrained QKFormer ImageNet models) and evaluate at the official batch size")
 
@@ -127,6 +132,28 @@ REGISTRY: dict[str, Weights] = {
         Weights("sdtv2_imagenet_8_512_kd.in1k", "sdtv2_imagenet_8_512_kd.in1k.safetensors", "", "ImageNet-1k (T=4, KD)", 4,
                 80.0, _SDTV2_SOURCE, url="https://drive.google.com/drive/folders/12JcIRG8BF6JcgPsXIetSS14udtHXeSSx",
                 num_classes=1000, input_size=(3, 224, 224), notes=_CONVERT_NOTE.format(arch="sdtv2_imagenet_8_512_kd")),
+        Weights("sdtv3_tiny.digits", "sdtv3_tiny.digits.safetensors",
+                "8139f74e507053198b2b794f499461793498e0a78fabfa570856ff2599de2061",
+                "digits (sklearn load_digits, 32x32, 1 channel)", 1, 99.17,
+                "spikeformers-train model.name=sdtv3_tiny model.T=1 (docs/sdt_v3.md; D=4)", packaged=True,
+                input_size=(1, 32, 32)),
+        # E-SpikeFormer: D (1x4 / 1x8) is not in the files; the tags set max_spike_count (models/sdt_v3.py)
+        *[
+            Weights(f"sdtv3_imagenet_{arch}.{tag}", f"sdtv3_imagenet_{arch}.{tag}.safetensors", "", dataset, 1, top1,
+                    _SDTV3_SOURCE, url=_SDTV3_URL, num_classes=1000, input_size=(3, size, size),
+                    notes=_CONVERT_NOTE.format(arch=f"sdtv3_imagenet_{arch}") + (_SDTV3_83M_NOTE if arch.startswith("12_512") else ""))
+            for arch, tag, dataset, top1, size in [
+                ("s", "in1k", "ImageNet-1k (1x4, the 5.1M model)", None, 224),
+                ("m", "in1k", "ImageNet-1k (1x4, the 10M model)", 78.5, 224),
+                ("l", "in1k", "ImageNet-1k (1x4, the 19M model)", 79.8, 224),
+                ("12_512_kd", "in1k_1x4", "ImageNet-1k (1x4, KD, the 83M model)", None, 224),
+                ("12_512_kd", "in1k_1x8", "ImageNet-1k (1x8, KD, the 83M model; abstract 84.0%, setting unconfirmed)", None, 224),
+                ("12_768_kd", "in1k_1x4", "ImageNet-1k (1x4, KD, the 171M model)", None, 224),
+                ("12_768_kd", "in1k_1x8", "ImageNet-1k (1x8, KD, the 171M model)", None, 224),
+                ("12_768_kd", "in1k_1x8_384", "ImageNet-1k (1x8, KD, 384x384, the 171M model; abstract 86.2%, setting unconfirmed)",
+                 None, 384),
+            ]
+        ],
         *[
             Weights(f"qkformer_imagenet_{arch}.in1k", f"qkformer_imagenet_{arch}.in1k.safetensors", "", "ImageNet-1k", 4, top1,
                     _QKFORMER_SOURCE, url="https://drive.google.com/drive/folders/1vhq9jmhmuyZ5_RGHuWD4wniza856qF8U",

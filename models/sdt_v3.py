@@ -40,7 +40,7 @@ from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from spikeformers.models import layers
+from spikeformers.models import hub, layers
 from spikeformers.models.base import (
     SpikingClassifier, build_spiking_model, fx_leaf, init_linear_and_layernorm, positive_int, spiking_cfg,
 )
@@ -767,7 +767,8 @@ def _fit_rep_conv(state: dict, model: SpikeDrivenTransformerV3Large) -> None:
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> SpikeDrivenTransformerV3:
-    return build_spiking_model(SpikeDrivenTransformerV3, variant, pretrained, checkpoint_filter_fn, **kwargs)
+    return build_spiking_model(SpikeDrivenTransformerV3, variant, pretrained, checkpoint_filter_fn,
+                               **_with_tag_spike_count(kwargs))
 
 
 def _cfg(**kwargs) -> dict:
@@ -784,17 +785,35 @@ def _cfg(**kwargs) -> dict:
 
 default_cfgs = generate_default_cfgs(
     {
-        "sdtv3_tiny": _cfg(num_classes=10, input_size=(1, 32, 32), crop_pct=1.0, mean=(0.5,), std=(0.5,)),
+        "sdtv3_tiny.digits": _cfg(**hub.timm_cfg("sdtv3_tiny.digits", crop_pct=1.0, mean=(0.5,), std=(0.5,))),
         "sdtv3_imagenet_t": _cfg(),
-        "sdtv3_imagenet_s": _cfg(),
-        "sdtv3_imagenet_m": _cfg(),
-        "sdtv3_imagenet_l": _cfg(),
+        # the official releases: download, then `spikeformers-hub convert` (hub registry)
+        "sdtv3_imagenet_s.in1k": _cfg(**hub.timm_cfg("sdtv3_imagenet_s.in1k")),
+        "sdtv3_imagenet_m.in1k": _cfg(**hub.timm_cfg("sdtv3_imagenet_m.in1k")),
+        "sdtv3_imagenet_l.in1k": _cfg(**hub.timm_cfg("sdtv3_imagenet_l.in1k")),
         "sdtv3_imagenet_12_512": _cfg(),
-        "sdtv3_imagenet_12_512_kd": _cfg(),
+        "sdtv3_imagenet_12_512_kd.in1k_1x4": _cfg(**hub.timm_cfg("sdtv3_imagenet_12_512_kd.in1k_1x4")),
+        "sdtv3_imagenet_12_512_kd.in1k_1x8": _cfg(**hub.timm_cfg("sdtv3_imagenet_12_512_kd.in1k_1x8")),
         "sdtv3_imagenet_12_768": _cfg(),
-        "sdtv3_imagenet_12_768_kd": _cfg(),
+        "sdtv3_imagenet_12_768_kd.in1k_1x4": _cfg(**hub.timm_cfg("sdtv3_imagenet_12_768_kd.in1k_1x4")),
+        "sdtv3_imagenet_12_768_kd.in1k_1x8": _cfg(**hub.timm_cfg("sdtv3_imagenet_12_768_kd.in1k_1x8")),
+        # 384² eval: no position embedding, so the same weights; the official eval crops 384 directly
+        "sdtv3_imagenet_12_768_kd.in1k_1x8_384": _cfg(**hub.timm_cfg("sdtv3_imagenet_12_768_kd.in1k_1x8_384", crop_pct=1.0)),
     }
 )
+
+# D of the released files (not stored in them): a 1×8 file run with D = 4 is silently wrong
+SPIKE_COUNT_OF_TAG = {"in1k": 4, "in1k_1x4": 4, "in1k_1x8": 8, "in1k_1x8_384": 8, "digits": 4}
+
+
+def _with_tag_spike_count(kwargs: dict) -> dict:
+    """``max_spike_count`` of the pretrained tag the model is created with (``create_model("….in1k_1x8")``),
+    unless given explicitly."""
+    tag = kwargs.get("pretrained_cfg")
+    tag = getattr(tag, "tag", tag)
+    if isinstance(tag, str) and tag in SPIKE_COUNT_OF_TAG and "max_spike_count" not in kwargs:
+        return dict(kwargs, max_spike_count=SPIKE_COUNT_OF_TAG[tag])
+    return kwargs
 
 _IMAGENET = dict(img_size=224, num_classes=1000, depths=(6, 2), num_heads=8, mlp_ratio=4.0, T=1)
 
@@ -844,7 +863,8 @@ _LARGE = dict(img_size=224, num_classes=1000, depth=12, num_heads=8, mlp_ratio=4
 
 def _large(variant: str, embed_dim: tuple[int, int, int], rep_conv: bool, kd: bool, pretrained: bool, kwargs: dict):
     args = dict(_LARGE, embed_dim=embed_dim, rep_conv=rep_conv, kd=kd)
-    return build_spiking_model(SpikeDrivenTransformerV3Large, variant, pretrained, checkpoint_filter_fn, **dict(args, **kwargs))
+    return build_spiking_model(SpikeDrivenTransformerV3Large, variant, pretrained, checkpoint_filter_fn,
+                               **_with_tag_spike_count(dict(args, **kwargs)))
 
 
 @register_model

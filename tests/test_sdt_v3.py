@@ -456,3 +456,37 @@ def test_docs_example_runs_as_written():
     page = (Path(__file__).parents[1] / "docs" / "sdt_v3.md").read_text()
     block = page.split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(block, "docs/sdt_v3.md", "exec"), {})
+
+
+# --- shipped digits weights and the hub tags of the official releases -----------------------------
+
+
+def test_shipped_digits_checkpoint_reaches_97_percent(tmp_path, monkeypatch):
+    from torch.utils.data import DataLoader
+
+    from spikeformers.models import hub
+    from spikeformers.train.data import DataInfo, Digits
+    from spikeformers.train.evaluate import evaluate
+
+    monkeypatch.setenv("SPIKEFORMERS_CACHE", str(tmp_path))
+    weights = hub.resolve("sdtv3_tiny.digits")
+    assert hub.sha256_of(hub.fetch("sdtv3_tiny.digits")) == weights.sha256  # verified before use
+    model = timm.create_model("sdtv3_tiny.digits", pretrained=True)
+    assert model.in_chans == 1 and model.num_classes == 10 and model.T == 1 and model.max_spike_count == 4
+    stats = evaluate(model, DataLoader(Digits(False), batch_size=360), DataInfo("digits", 10, 1, 32), torch.device("cpu"))
+    assert stats["top1"] >= 97.0
+    assert stats["top1"] == pytest.approx(weights.top1, abs=0.3)  # the accuracy the registry reports
+
+
+def test_release_tags_carry_D_and_explain_conversion(tmp_path, monkeypatch):
+    """D is in no checkpoint: the 1×8 tags build D = 8, the 1×4 ones D = 4; unconverted official files
+    say how to convert them."""
+    monkeypatch.setenv("SPIKEFORMERS_CACHE", str(tmp_path))
+    for tag, d, size in (("in1k_1x4", 4, 224), ("in1k_1x8", 8, 224), ("in1k_1x8_384", 8, 384)):
+        model = timm.create_model(f"sdtv3_imagenet_12_768_kd.{tag}", depth=1)
+        assert model.max_spike_count == d and model.pretrained_cfg["input_size"] == (3, size, size), tag
+        assert {m.max_spike_count for m in model.modules() if isinstance(m, SpikeCountNeuron)} == {d}
+    assert timm.create_model("sdtv3_imagenet_12_512_kd.in1k_1x8", depth=1, max_spike_count=4).max_spike_count == 4
+    assert timm.create_model("sdtv3_imagenet_m.in1k").max_spike_count == 4
+    with pytest.raises(FileNotFoundError, match="spikeformers-hub convert FILE --model sdtv3_imagenet_12_512_kd"):
+        timm.create_model("sdtv3_imagenet_12_512_kd.in1k_1x8", pretrained=True)
