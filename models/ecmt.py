@@ -198,6 +198,8 @@ class MultiThresholdNeuron(nn.Module):
     spike trains (at most one non-zero), which the next Linear or product consumes: Σ_k (λ_k W) s_k
     with binary s_k is the paper's parallel parameter normalization."""
 
+    neuron_model = "multi_threshold"  # for analysis tools: one call per time step, membrane in ``v``
+
     def __init__(self, place: str, theta_p: float, theta_n: float, levels: int) -> None:
         super().__init__()
         if levels < 1:

@@ -378,7 +378,7 @@ def test_i4_zero_activity(zoo):
     name, model, x = zoo[:3]
     from spikeformers.train.neurobench import _neuron_model
 
-    if name == "sdtv3_tiny" and not hasattr(type(model.head_lif if hasattr(model, "head_lif") else model), "neuron_model"):
+    if name == "sdtv3_tiny":
         from spikeformers.models.sdt_v3 import SpikeCountNeuron
 
         if not hasattr(SpikeCountNeuron, "neuron_model"):
@@ -423,6 +423,23 @@ def test_i7_batch_invariance(zoo):
         assert other[1:] == pytest.approx(results[0][1:], rel=1e-9)
 
 
+def test_a_converted_ecmt_network_counts_its_step_wise_calls():
+    """ECMT's SNN calls the network once per step: every layer runs T steps, one pass's Dense × T."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from spikeformers.models import ecmt
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=4).eval()
+    snn = ecmt.convert(vit, ecmt.calibrate(vit, [torch.randn(4, 3, 32, 32)]))
+    snn.T = 3
+    counts = collect(snn, [torch.randn(2, 3, 32, 32)])
+    qkv = next(r for r in counts.rows if r.name.endswith("attn.qkv"))
+    assert qkv.steps == 3 and counts.per_sample(qkv.dense) == 3 * 17 * 32 * 96  # T · tokens · in · out
+    neuron = next(r for r in counts.rows if r.name.endswith("neurons.fc_qkv"))
+    assert neuron.steps == 3 and neuron.n == 17 * 32 and counts.per_sample(neuron.updates) <= 3 * 17 * 32
+
+
 # --- the report -------------------------------------------------------------------------------------
 
 
@@ -458,3 +475,26 @@ def test_cli_writes_v2_json_and_the_plots(tmp_path, capsys):
     assert (tmp_path / "v2.csv").read_text().startswith("profile,name,role")
     out = capsys.readouterr().out
     assert "NeuroBench metrics" in out and "memory-aware energy, profile mem45-int8" in out and "hardware profiles" in out
+
+
+def test_plots_label_the_colour_bar_name_layers_and_show_the_ann(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from spikeformers.train.energy import plot_report
+
+    figures = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figures.append(self), save(self, *a, **k))[1])
+    model = ToyL2()
+    report = analyze(model, [IMAGE], model_name="toy")
+    v2 = analyze_v2(model, [IMAGE], report, profiles=("mem45-int8",))
+    names = [p.name for p in plot_report(report, tmp_path, v2)]
+    assert names == ["firing_rates.png", "energy.png", "energy_vs_rate.png", "energy_ma.png"]
+    rates, energy, vs_rate = figures[:3]
+    colour_bar = rates.axes[1]
+    assert "firing rate" in colour_bar.get_ylabel()
+    assert [t.get_text() for t in rates.axes[0].get_yticklabels()] == ["fc1 (real)", "fc2 (binary)"]
+    assert min(t.get_fontsize() for t in rates.axes[0].get_yticklabels()) >= 8
+    assert [t.get_text() for t in energy.axes[1].get_xticklabels()] == ["SNN", "ANN"]
+    labels = vs_rate.axes[0].get_legend_handles_labels()[1]
+    assert any(label.startswith("ANN int8 naive") for label in labels) and any("break-even range" in label for label in labels)

@@ -344,6 +344,16 @@ def analyze_v2(model: nn.Module, batches, report: EnergyReport | None = None, pr
     out: dict = {"schema": V2_SCHEMA, "n_samples": counts.samples, "T": counts.T}
     if neurobench:
         out["neurobench"] = nb
+        if report is not None:  # how the NeuroBench counts relate to the legacy ones
+            weighted = [r for r in report.layers if r.op in ("conv1d", "conv2d", "linear")]
+            out["reconciliation"] = {
+                "Effective_ACs": nb["SynapticOperations"]["Effective_ACs"],
+                "legacy_SOPs_of_connection_layers": sum(r.sops for r in weighted if r.unit == "AC"),
+                "Effective_MACs": nb["SynapticOperations"]["Effective_MACs"],
+                "legacy_first_layer_FLOPs_times_steps": sum(r.flops * r.steps for r in weighted if r.unit == "MAC"),
+                "why": "NeuroBench skips zero weights and padded taps, counts integer and θ-amplitude inputs as MACs, "
+                       "runs the first layer at every step and skips its zero pixels",
+            }
     warnings = []
     if memory:
         blocks = {}
@@ -387,6 +397,11 @@ def v2_tables(v2: dict) -> str:
                   f"Dense {syn['Dense']:,.0f}",
                   f"  MembraneUpdates {nb['MembraneUpdates']:,.0f} (dense {nb['ext']['MembraneUpdates_dense']:,.0f})   "
                   f"ext attention ACs {nb['ext']['attention_synops']['Effective_ACs']:,.0f}"]
+        rec = v2.get("reconciliation")
+        if rec:
+            lines.append(f"  vs legacy: Effective_ACs {rec['Effective_ACs']:,.0f} vs SOPs {rec['legacy_SOPs_of_connection_layers']:,.0f}; "
+                         f"Effective_MACs {rec['Effective_MACs']:,.0f} vs first-layer FLOPs×steps "
+                         f"{rec['legacy_first_layer_FLOPs_times_steps']:,.0f} ({rec['why']})")
         head = f"  {'layer':<34} {'call':<4} {'Eff_MACs':>12} {'Eff_ACs':>12} {'Dense':>12} {'sparsity':>8} {'updates':>10}"
         lines += [head]
         for r in nb["layers"]:

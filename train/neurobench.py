@@ -29,7 +29,8 @@ the deployed weight footprint at a chosen bit width.
 How a model is read: connection layers and activations are found by type; a neuron is our
 :class:`~spikeformers.models.neurons.LIF`, a SpikingJelly ``LIFNode``/``IFNode``, or any module that
 declares ``neuron_model`` (``"if"``: integrate-and-fire with soft reset by its ``threshold``, input
-``[T·B, …]`` with T in ``module.T``); attention modules declare ``attention_product`` (see
+``[T·B, …]`` with T in ``module.T``; ``"multi_threshold"``: one call per time step, the membrane
+kept in ``module.v``); attention modules declare ``attention_product`` (see
 docs/architecture.md). Layer input types (binary / integer / amplitude / real) are read from the
 values each layer actually receives.
 """
@@ -111,6 +112,8 @@ class ConnectionCounts:
     s_fan_sum: float = 0.0
     dense_nonzero_w: float = 0.0  # all-ones input × non-zero weights: S_eff at rate 1
     max_value: float = 1.0
+    batch: int = -1            # the batch being recorded, and the steps it has run so far: a model that
+    steps_in_batch: int = 0    # calls a layer once per time step (ECMT's step-wise pass) adds them up
 
     @property
     def input_type(self) -> str:
@@ -135,6 +138,8 @@ class NeuronCounts:
     outputs: float = 0.0
     updates: float = 0.0
     spiking: bool = True
+    batch: int = -1
+    steps_in_batch: int = 0
 
 
 @dataclass
@@ -218,7 +223,7 @@ def _ones_per_group(module: nn.Module) -> tuple[torch.Tensor, int]:
 class _Collector:
     def __init__(self, model: nn.Module, T: int | None, time_first: bool) -> None:
         self.model, self.T_fixed, self.time_first = model, T, time_first
-        self.T, self.B = T or 1, 1
+        self.T, self.B, self.batch = T or 1, 1, -1
         self.rows: dict[str, object] = {}
         self.order: list[str] = []
         self.inputs: dict[int, torch.Tensor] = {}
@@ -246,6 +251,7 @@ class _Collector:
         x = args[0]
         T = self.T_fixed or getattr(model, "T", None) or 1
         sequence = self.time_first or x.dim() == 5
+        self.batch += 1
         self.T = x.shape[0] if sequence else T
         self.B = x.shape[1] if sequence else x.shape[0]
 
@@ -268,7 +274,7 @@ class _Collector:
             row = self._row(name, lambda: ConnectionCounts(name, kind, kernel, stride, groups, c_in, c_out,
                                                            module.weight.numel(), module.bias is not None or bn_after))
             out_view, _ = _layout(out.detach(), self.T, self.B)
-            row.n_in, row.n_out, row.steps = view.shape[-1], out_view.shape[-1], steps
+            row.n_in, row.n_out, row.steps = view.shape[-1], out_view.shape[-1], _steps(row, self.batch, steps)
             value_type = _value_type(x)
             row.types.add(value_type)
             if steps > 1 and not bool((view == view[:1]).all()):
@@ -312,16 +318,24 @@ class _Collector:
         return hook
 
     def _keep_input(self, module, args):
-        self.inputs[id(module)] = args[0].detach()
+        state = getattr(module, "v", None) if getattr(module, "neuron_model", None) == "multi_threshold" else None
+        self.inputs[id(module)] = (args[0].detach(), None if state is None else state.clone())
 
     def _neuron(self, name: str, model_kind: str):
         def hook(module, args, out):
             out = out[0] if isinstance(out, (tuple, list)) else out
-            x = self.inputs.pop(id(module))
-            row = self._row(name, lambda: NeuronCounts(name, model_kind, spiking=model_kind in ("lif", "if")))
-            if model_kind not in ("lif", "if"):  # an activation without membrane state (ReLU, a stateless count)
+            x, state_before = self.inputs.pop(id(module))
+            stateful = model_kind in ("lif", "if", "multi_threshold")
+            row = self._row(name, lambda: NeuronCounts(name, model_kind, spiking=stateful))
+            if model_kind == "multi_threshold":  # one call per time step, membrane kept in ``module.v``
+                row.n = out[0].numel() if out.dim() > 1 else out.numel()
+                first = row.batch != self.batch
+                row.steps = _steps(row, self.batch, 1)
+                row.updates += float(module.v.numel()) if first or state_before is None \
+                    else float((module.v != state_before).sum())
+            elif not stateful:  # an activation without membrane state (ReLU, a stateless count)
                 view, steps = _layout(out.detach(), self.T, self.B)
-                row.n, row.steps = view.shape[-1], steps
+                row.n, row.steps = view.shape[-1], _steps(row, self.batch, steps)
             else:
                 seq = _time_first(module, x, self.T)
                 row.n, row.steps = seq[0, 0].numel() if seq.dim() > 2 else seq.shape[-1], seq.shape[0]
@@ -382,6 +396,14 @@ class _Collector:
     def remove(self):
         for h in self.hooks:
             h.remove()
+
+
+def _steps(row, batch: int, steps: int) -> int:
+    """The steps ``row`` has run in this batch, this call's ``steps`` included."""
+    if row.batch != batch:
+        row.batch, row.steps_in_batch = batch, 0
+    row.steps_in_batch += steps
+    return row.steps_in_batch
 
 
 def _heads(x: torch.Tensor, heads: int, tokens_last: bool) -> torch.Tensor:
@@ -520,10 +542,10 @@ def neurobench_metrics(model: nn.Module, counts: Counts) -> dict:
                                "Dense": per(sum(r.dense for r in conns))},
         "MembraneUpdates": updates,
         "NeuronOperations": ({"Effective Neuron Ops": updates * 4,
-                              "Neuron Dense Ops": per(sum(r.n * r.steps * r.samples for r in spiking)) * 4}
+                              "Neuron Dense Ops": sum(r.n * r.steps for r in spiking) * 4}
                              if lif_only else None),
         "ext": {
-            "MembraneUpdates_dense": per(sum(r.n * r.steps * r.samples for r in spiking)),
+            "MembraneUpdates_dense": sum(r.n * r.steps for r in spiking),
             "attention_synops": {"Effective_MACs": 0.0, "Effective_ACs": per(sum(r.s for r in attention)),
                                  "Dense": per(sum(r.dense for r in attention))},
             "effective_acs_amplitude": per(sum(r.effective_amplitude_acs for r in conns)),
