@@ -356,3 +356,44 @@ def test_released_83m_rep_conv_mismatch_is_one_line_naming_the_layers(tmp_path, 
                                "block3.0.rep_conv.conv1.1.{weight,bias,running_mean,running_var} [768] after "
                                "block3.0.rep_conv.conv1.0.weight [512, 512, 1]"), lines
     assert len(lines) == 2 and lines[1].startswith("hint: ")
+
+
+# --- experiment presets: the official recipes' numbers -------------------------------------------
+
+
+def _compose(preset: str, *overrides: str) -> dict:
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="spikeformers.configs", version_base="1.3"):
+            cfg = compose(config_name="train", overrides=[f"experiment={preset}", *overrides])
+    finally:
+        GlobalHydra.instance().clear()
+    cfg.output_dir = "."
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_presets_follow_the_official_recipes():
+    import inspect
+
+    accepted = set(inspect.signature(SpikeDrivenTransformerV3Large).parameters)
+    base = _compose("sdtv3_imagenet_m")
+    assert base["model"]["args"] is None and base["model"]["name"] == "sdtv3_imagenet_m"
+    assert (base["optim"]["lr"], base["data"]["batch_size"], base["trainer"]["epochs"]) == (4.8e-3, 2048, 200)  # 6e-4·2048/256
+    assert base["sched"]["warmup_epochs"] == 5 and base["sched"]["min_lr"] == 1e-6 and base["optim"]["layer_decay"] is None
+    assert base["data"]["aug"]["crop_pct"] == pytest.approx(224 / 232) and base["model"]["T"] == 1
+    assert _compose("sdtv3_imagenet_s")["model"]["name"] == "sdtv3_imagenet_s"
+    ft = _compose("sdtv3_imagenet_12_512_finetune")
+    assert (ft["optim"]["lr"], ft["data"]["batch_size"], ft["trainer"]["epochs"], ft["optim"]["layer_decay"]) == (2.4e-3, 1024, 150, 0.75)
+    assert (ft["data"]["mixup"]["mixup"], ft["data"]["mixup"]["cutmix"], ft["trainer"]["ema"]["enable"]) == (0.8, 1.0, False)
+    assert set(ft["model"]["args"]) <= accepted and ft["model"]["args"]["drop_path_rate"] == 0.1
+    kd = _compose("sdtv3_imagenet_12_768_kd", "finetune_from=runs/ft/checkpoints/last.pt")
+    assert kd["model"]["name"] == "sdtv3_imagenet_12_768_kd" and kd["model"]["checkpoint"] == "runs/ft/checkpoints/last.pt"
+    assert (kd["optim"]["lr"], kd["data"]["batch_size"], kd["trainer"]["epochs"]) == (6.125e-3, 1568, 100)  # 1e-3·1568/256
+    assert kd["trainer"]["distill"]["teacher"] == "caformer_b36.sail_in22k_ft_in1k" and kd["trainer"]["distill"]["alpha"] == 0.5
+    assert (kd["data"]["mixup"]["mixup"], kd["sched"]["warmup_epochs"]) == (0.5, 5)
+    digits = _compose("sdtv3_digits")["model"]
+    assert (digits["name"], digits["T"]) == ("sdtv3_tiny", 1)
