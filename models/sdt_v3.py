@@ -1,18 +1,20 @@
-"""Spike-driven Transformer v3 / E-SpikeFormer (Yao, Qiu et al., IEEE TPAMI 2025), base models.
+"""Spike-driven Transformer v3 / E-SpikeFormer (Yao, Qiu et al., IEEE TPAMI 2025): base and large models.
 
 Paper: https://arxiv.org/abs/2411.16061 ("Scaling Spike-driven Transformer with Efficient Spike
 Firing Approximation Training"). Semantics follow the official ``Model_Base/models.py``
-(``Spiking_vit_MetaFormer_Spike_SepConv``); key names are the official ones, so official
-checkpoints load with ``strict=True``.
+(``Spiking_vit_MetaFormer_Spike_SepConv``, the base models) and ``Model_Large/spikformer.py``
+(``Spikformer``, the large models, below the base ones in this file); key names are the official
+ones, so official checkpoints load with ``strict=True``.
 
 Spike Firing Approximation: every neuron emits an **integer count** S ∈ {0, …, D} per time step
 instead of a binary spike; at inference a count is meant to run as D binary spikes over D virtual
 steps. The released classification code runs one real time step, where the integer neuron is a
 stateless quantiser of its input (no membrane, no reset):
 
-    S(x) = round(clamp(x, 0, D)),   output S/D (hidden neurons) or S (the head neuron)
+    S(x) = R(clamp(x, 0, D)),   output S/D (hidden neurons) or S (the head neuron)
 
-A 4-stage hierarchical network (the SDT v2 layout) with a real-valued membrane-shortcut stream
+R rounds half to even in the base models and half up in the large ones (their gradient windows
+differ too: :class:`SpikeCountNeuron`). Base models: a 4-stage hierarchical network (the SDT v2 layout) with a real-valued membrane-shortcut stream
 (every branch starts with a neuron and ends with a BN):
 
 - Downsamplers (``downsample*``): [neuron] → Conv2d (with bias) → BN; no neuron in the first one.
@@ -26,9 +28,15 @@ A 4-stage hierarchical network (the SDT v2 layout) with a real-valued membrane-s
   MLP: SN → Conv1d (bias) → BN1d → SN → Conv1d (bias) → BN1d, ratio 4.
 - Head: mean over positions → head neuron (the raw count S, not divided by D) → Linear.
 
+Large models (:class:`SpikeDrivenTransformerV3Large`): three stages, conv blocks without SepConv,
+12 blocks of linear attention Q (Kᵀ V)·0.125 with RepConv projections and layer scales, whole-batch
+drop path, and an optional distillation head (``head`` on the real token mean, ``head_kd`` on its
+count; training returns both logits, eval their mean).
+
 The time axis is the one every family here has: images are repeated over ``T`` (official: 1) and
-every conv/BN runs with T folded into the batch. The neurons are stateless, so T > 1 repeats
-identical steps (the paper's I-LIF over real time steps is not implemented here).
+every conv/BN runs with T folded into the batch. The official neurons are stateless, so T > 1
+repeats identical steps; ``tau`` turns every neuron into the paper's I-LIF over real time steps
+(membrane with soft reset, :func:`ilif_counts`).
 """
 
 from __future__ import annotations
