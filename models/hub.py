@@ -141,7 +141,8 @@ REGISTRY: dict[str, Weights] = {
         *[
             Weights(f"sdtv3_imagenet_{arch}.{tag}", f"sdtv3_imagenet_{arch}.{tag}.safetensors", "", dataset, 1, top1,
                     _SDTV3_SOURCE, url=_SDTV3_URL, num_classes=1000, input_size=(3, size, size),
-                    notes=_CONVERT_NOTE.format(arch=f"sdtv3_imagenet_{arch}") + (_SDTV3_83M_NOTE if arch.startswith("12_512") else ""))
+                    notes=_CONVERT_NOTE.format(arch=f"sdtv3_imagenet_{arch}")
+                    + (_SDTV3_83M_NOTE if arch.startswith("12_512") else ""))
             for arch, tag, dataset, top1, size in [
                 ("s", "in1k", "ImageNet-1k (1x4, the 5.1M model)", None, 224),
                 ("m", "in1k", "ImageNet-1k (1x4, the 10M model)", 78.5, 224),
@@ -150,8 +151,8 @@ REGISTRY: dict[str, Weights] = {
                 ("12_512_kd", "in1k_1x8", "ImageNet-1k (1x8, KD, the 83M model; abstract 84.0%, setting unconfirmed)", None, 224),
                 ("12_768_kd", "in1k_1x4", "ImageNet-1k (1x4, KD, the 171M model)", None, 224),
                 ("12_768_kd", "in1k_1x8", "ImageNet-1k (1x8, KD, the 171M model)", None, 224),
-                ("12_768_kd", "in1k_1x8_384", "ImageNet-1k (1x8, KD, 384x384, the 171M model; abstract 86.2%, setting unconfirmed)",
-                 None, 384),
+                ("12_768_kd", "in1k_1x8_384",
+                 "ImageNet-1k (1x8, KD, 384x384, the 171M model; abstract 86.2%, setting unconfirmed)", None, 384),
             ]
         ],
         *[

@@ -14,8 +14,9 @@ stateless quantiser of its input (no membrane, no reset):
     S(x) = R(clamp(x, 0, D)),   output S/D (hidden neurons) or S (the head neuron)
 
 R rounds half to even in the base models and half up in the large ones (their gradient windows
-differ too: :class:`SpikeCountNeuron`). Base models: a 4-stage hierarchical network (the SDT v2 layout) with a real-valued membrane-shortcut stream
-(every branch starts with a neuron and ends with a BN):
+differ too: :class:`SpikeCountNeuron`). Base models: a 4-stage hierarchical network (the SDT v2
+layout) with a real-valued membrane-shortcut stream (every branch starts with a neuron and ends
+with a BN):
 
 - Downsamplers (``downsample*``): [neuron] → Conv2d (with bias) → BN; no neuron in the first one.
 - Two conv stages of ConvBlocks (``ConvBlock*``): x ← x + SepConv₇(x);
