@@ -498,3 +498,27 @@ def test_plots_label_the_colour_bar_name_layers_and_show_the_ann(tmp_path, monke
     assert [t.get_text() for t in energy.axes[1].get_xticklabels()] == ["SNN", "ANN"]
     labels = vs_rate.axes[0].get_legend_handles_labels()[1]
     assert any(label.startswith("ANN int8 naive") for label in labels) and any("break-even range" in label for label in labels)
+
+
+def test_parameter_file_replaces_profile_values_and_bad_ones_are_one_line(tmp_path, capsys):
+    import json
+
+    from spikeformers.models.errors import UserError
+    from spikeformers.train.energy import main
+
+    counts = collect(ToyL2(), [IMAGE])
+    cheaper = ma.price(counts, ma.profile("mem45-int8", e_ac=0.01, bits_w=4))
+    base = ma.price(counts, ma.PROFILES["mem45-int8"])
+    assert cheaper["snn"]["total_pJ"] < base["snn"]["total_pJ"] and cheaper["params"]["bits"]["w"] == 4
+    for bad in ({"e_ac": -1}, {"no_such": 1}, {"dataflow": "sideways"}):
+        with pytest.raises(UserError):
+            ma.profile("mem45-int8", **bad)
+    params = tmp_path / "p.json"
+    params.write_text(json.dumps({"bits_v": 99.5, "dataflow": "nowhere"}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sdt_tiny.digits", "--n", "1", "--ma-params", str(params), "--no-neurobench"])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert "total" not in captured.out  # refused before the model ran
+    err = [line for line in captured.err.strip().splitlines() if "CUDA" not in line]
+    assert len(err) <= 2 and "dataflow must be one of" in err[0]

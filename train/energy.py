@@ -571,8 +571,8 @@ def plot_v2(report: EnergyReport, v2: dict, out_dir: str | Path) -> list[Path]:
             continue
         colour = next(colours)
         curves.append((f"SNN {name}", block["curve"], colour, "-"))
-        dense = energy_ma.price(v2["_counts"], energy_ma.profile(name, **{**block["params"]["options"], "execution": "dense",
-                                                                         "counts": block["params"]["counts"]}))
+        used = {k: v for k, v in block["params"].items() if k in energy_ma.Profile.__dataclass_fields__ and k != "status"}
+        dense = energy_ma.price(v2["_counts"], energy_ma.profile(name, **{**used, "execution": "dense"}))
         curves.append((f"SNN {name}, dense execution", dense["curve"], colour, "--"))
     for label, c, colour, style in curves:
         ax.plot(r, (c["A"] + c["L"] * r + c["Q"] * r ** 2) / 1e6, color=colour, linestyle=style, label=label)
@@ -679,6 +679,8 @@ def _parser():
     v2.add_argument("--first-layer", choices=["auto", "executed", "once_cached"], default=None,
                     help="the real-valued first layer runs every step, or once with its output cached (auto: once for images)")
     v2.add_argument("--weights-in", choices=["per_layer_sram", "dram"], default=None, help="where the weights are read from")
+    v2.add_argument("--ma-params", help="JSON file of memory-aware parameters replacing the profile's, e.g. "
+                    '{"e_ac": 0.03, "bits_w": 4, "integer_inputs": "graded"} (every value used is echoed in the JSON)')
     v2.add_argument("--hw-file", help="JSON file of extra or replaced hardware profiles {chip: {field: value}}")
     v2.add_argument("--no-neurobench", dest="neurobench", action="store_false", help="skip the NeuroBench block")
     v2.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory-aware model")
@@ -766,6 +768,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     with user_errors(parser.prog, args.debug):
+        options = {}
+        if args.v2:  # bad parameters are refused before the model runs
+            from spikeformers.train import energy_ma
+
+            options = _ma_params(args.ma_params)
+            options.update({k: v for k, v in (("dataflow", args.dataflow), ("execution", args.execution),
+                                              ("first_layer", args.first_layer), ("weights_in", args.weights_in)) if v})
+            for profile in args.profile or ["mem45-int8"]:
+                if profile != "legacy45":
+                    energy_ma.profile(profile, **options)
         model, test_set, info, name = _model_and_data(args)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(test_set, range(min(args.n, len(test_set)))),
                                              batch_size=args.batch_size)
@@ -779,8 +791,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{parser.prog}: {warning}", file=sys.stderr)
         v2 = None
         if args.v2:
-            options = {k: v for k, v in (("dataflow", args.dataflow), ("execution", args.execution),
-                                         ("first_layer", args.first_layer), ("weights_in", args.weights_in)) if v}
             from spikeformers.train.energy_hw import load_chips
 
             v2 = analyze_v2(model, batches, report, profiles=tuple(args.profile or ["mem45-int8"]), options=options,
@@ -788,8 +798,8 @@ def main(argv: list[str] | None = None) -> int:
             print(v2_tables(v2))
             for line in v2["warnings"]:
                 print(f"{parser.prog}: warning: {line}", file=sys.stderr)
-        elif args.csv_v2 or args.profile:
-            raise UserError("--csv-v2 and --profile need the version-2 pass", hint="drop --no-v2")
+        elif args.csv_v2 or args.profile or args.ma_params or args.hw_file:
+            raise UserError("--csv-v2, --profile, --ma-params and --hw-file need the version-2 pass", hint="drop --no-v2")
         if args.json:
             payload = report.to_json()
             if v2 is not None:
@@ -803,6 +813,20 @@ def main(argv: list[str] | None = None) -> int:
             for path in plot_report(report, args.plots, v2):
                 print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def _ma_params(path: str | None) -> dict:
+    from spikeformers.models.errors import UserError
+
+    if not path:
+        return {}
+    try:
+        params = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read the parameter file {path}: {err}") from None
+    if not isinstance(params, dict):
+        raise UserError(f"{path} must hold one JSON object of parameters", hint='e.g. {"e_ac": 0.03}')
+    return params
 
 
 def _json_default(value):

@@ -153,13 +153,28 @@ PROFILES = {
 }
 
 
+CHOICES = {"memory": ("curve64", "lemaire", "flat", "none"), "counts": ("exact", "lemaire"), "dataflow": ("naive", "reuse"),
+           "execution": ("event", "dense"), "first_layer": ("auto", "executed", "once_cached"),
+           "weights_in": ("per_layer_sram", "dram"), "integer_inputs": ("sum", "graded")}
+
+
 def profile(name: str, **options) -> Profile:
-    """A named profile with options replaced (``dataflow="reuse"``, ``first_layer="executed"`` ...)."""
+    """A named profile with fields replaced: options (``dataflow="reuse"``, ``first_layer="executed"``
+    ...) or any unit cost or bit width (``e_ac=0.03``, ``bits_w=4``); unknown names and values are
+    the user's mistake."""
     from spikeformers.models.errors import UserError
 
-    if name not in PROFILES and name != "legacy45":
+    if name not in PROFILES:
         raise UserError(f"unknown energy profile {name!r}", hint=f"one of: legacy45, {', '.join(PROFILES)}")
-    return replace(PROFILES[name], **options) if name in PROFILES else None
+    fields = {f for f in Profile.__dataclass_fields__ if f not in ("name", "ann", "status")}
+    for key, value in options.items():
+        if key not in fields:
+            raise UserError(f"unknown energy model parameter {key!r}", hint=f"one of: {', '.join(sorted(fields))}")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise UserError(f"{key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+        if key not in CHOICES and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise UserError(f"{key} must be a non-negative number, got {value!r}")
+    return replace(PROFILES[name], **options)
 
 
 def qnn_equiv(T: int) -> AnnCost:
