@@ -130,6 +130,20 @@ def test_ddp_rows(dry_run):
 
 
 @pytest.mark.slow
+def test_a_rerun_of_one_part_keeps_the_others(dry_run, tmp_path):
+    out = tmp_path / "rerun"
+    proc = subprocess.run([sys.executable, "-P", str(SCRIPT), "--dry-run", "--out", str(out), "--parts", "sdsa",
+                           "--merge", str(dry_run.out / "gpu_check.json"), "--budget-s", "300"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rerun = json.loads((out / "gpu_check.json").read_text())["parts"]
+    assert list(rerun) == list(gpu_check.PARTS)
+    for part in gpu_check.PARTS:
+        assert (rerun[part] == dry_run.report["parts"][part]) == (part != "sdsa"), part
+    assert sorted(f.name for f in out.iterdir()) == ["gpu_check.json", "gpu_check.md", "log_sdsa.txt"]
+
+
+@pytest.mark.slow
 def test_markdown_has_no_missing_numbers(dry_run):
     for token in ("nan", "inf", "None"):
         assert f" {token} " not in dry_run.md.replace("|", " ")
@@ -160,7 +174,7 @@ def test_part_limits_share_what_is_left():
     parts = list(gpu_check.PARTS)
     assert sum(gpu_check.PARTS.values()) == pytest.approx(1.0)
     assert gpu_check.part_limits(parts, 480, 0) == pytest.approx(480 * gpu_check.PARTS["tests"])
-    # the tests part used 44 s of its 144: the rest is shared among the four parts left
+    # the tests part took 44 s: the other 436 are shared among the four parts left, in proportion
     left = parts[1:]
     share = gpu_check.PARTS["lif"] / sum(gpu_check.PARTS[p] for p in left)
     assert gpu_check.part_limits(left, 480, 44) == pytest.approx(436 * share)
@@ -215,7 +229,9 @@ def test_a_failing_part_is_recorded_and_the_report_still_written(tmp_path):
 def test_bad_options_are_one_line_errors(tmp_path, capsys):
     for argv, message in ((["--out", str(tmp_path), "--parts", "tests,bogus"], "unknown part(s) bogus"),
                           (["--out", str(tmp_path), "--budget-s", "10"], "--budget-s must be at least 30"),
-                          (["--dry-run"], "--out DIR is required")):
+                          (["--dry-run"], "--out DIR is required"),
+                          (["--out", str(tmp_path), "--merge", str(SCRIPT)], "--merge " + str(SCRIPT) + ": needs --parts"),
+                          (["--out", str(tmp_path), "--parts", "lif", "--merge", str(tmp_path / "x.json")], "no such file")):
         with pytest.raises(SystemExit) as exit_info:
             gpu_check.main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
