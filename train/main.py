@@ -584,6 +584,7 @@ def train(cfg: DictConfig) -> dict:
     ``{"preempted": True, ...}`` after a scheduler's stop signal. Raises :class:`Interrupted`
     after Ctrl-C and :class:`RunFolderError` when the run folder is busy or holds another run."""
     ctx = Dist(cfg.trainer.device)
+    threads = torch.get_num_threads()  # trainer.threads applies to this run only, not to a caller's process
     try:
         with _claimed_run_folder(cfg, ctx):
             try:
@@ -596,6 +597,7 @@ def train(cfg: DictConfig) -> dict:
                 _last_status(ctx, cfg, f"failed: {type(error).__name__}: {first}")
                 raise
     finally:
+        torch.set_num_threads(threads)
         ctx.close()
 
 
