@@ -16,6 +16,17 @@ What is measured, per (model, backend):
   [T, B, 512, 64] spikes: the official unfused op order against the fused ``models/sdsa.py``.
 - ``--checkpointing`` / ``--packed`` add the torch backend with gradient checkpointing
   (``torch+ckpt``) or packed spike storage (``torch+packed``); ``--limit`` the identity neurons.
+- ``--options`` (CPU speed options, train/speed.py): per model, ONE worker builds every listed
+  variant from the same weights and times their steps interleaved (variant 1, 2, ..., 1, 2, ...),
+  so that load from other processes hits all of them alike; each record has ``speedup`` (the
+  median over rounds of plain's step time / the variant's, wall clock), ``cpu_speedup`` (the same
+  with process CPU time, steadier on a loaded machine) and ``max_logit_diff`` /
+  ``max_grad_rel_diff`` (the largest |difference| of the logits, and of each parameter's gradient
+  relative to its largest plain entry, against the plain model on the same batch). Variants:
+  ``plain``, one option or several joined by ``+`` (``onednn_linear+bn_rows``), ``default``
+  (``DEFAULT_OPTIONS``), ``bf16`` (``torch.autocast`` bfloat16 with fp32 weights, what
+  ``trainer.amp=true`` does on the CPU; not exact), ``compile`` (``torch.compile`` of every stage:
+  patch embedding and each block).
 
 Every configuration runs in a fresh subprocess of this script (one JSON line back on stdout),
 one after the other in the same run: a model's two backends run back to back.
@@ -48,6 +59,7 @@ Run (a few minutes on a 2-core CPU):
 
     python -P benchmarks/bench_train_step.py --json bench.json
     python -P benchmarks/bench_train_step.py --models sdt_cifar_2_512,lif --iters 10 --device cuda
+    python -P benchmarks/bench_train_step.py --models spikformer_cifar_4_384 --options plain,default --json speed.json
 
 The Markdown table goes to stdout, progress to stderr.
 """
@@ -207,6 +219,98 @@ def make_model_step(torch, name, backend, args, device):
     return step
 
 
+# --- CPU speed options, interleaved in one worker (--options) -----------------------------------
+
+PLAIN = "plain"
+
+
+def make_variant(torch, model, variant):
+    """``model`` (a fresh copy) prepared as ``variant``; returns the callable that runs it."""
+    from spikeformers.train import speed
+
+    if variant == PLAIN:
+        return model
+    if variant == "bf16":
+        def autocast_forward(x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return model(x)
+        return autocast_forward
+    if variant == "compile":
+        for _, stage in model.stages():
+            if isinstance(stage, torch.nn.Module):
+                stage.compile()
+        return model
+    options = speed.DEFAULT_OPTIONS if variant == "default" else variant.split("+")
+    return speed.apply_cpu_speed(model, options)
+
+
+def run_options_worker(torch, name, variants, args):
+    """Every variant of ``name`` from the same weights and batch, steps timed round-robin."""
+    import copy
+
+    import timm
+
+    import spikeformers  # noqa: F401
+
+    torch.manual_seed(0)
+    base = timm.create_model(name, backend="torch", T=args.T).train()
+    gen = torch.Generator().manual_seed(0)
+    chans, height, width = base.pretrained_cfg["input_size"]
+    if args.img_size:
+        height = width = args.img_size
+    x = torch.randn(args.batch, chans, height, width, generator=gen)
+    y = torch.randint(0, base.num_classes, (args.batch,), generator=gen)
+    steps, checks, first = {}, {}, {}
+    for variant in variants:
+        model = copy.deepcopy(base)
+        forward = make_variant(torch, model, variant)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        t0 = time.perf_counter()
+        logits = forward(x)  # exactness check: logits and gradients of one loss on the same batch
+        torch.nn.functional.cross_entropy(logits.float(), y).backward()
+        checks[variant] = (logits.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                      if p.grad is not None})
+        opt.zero_grad(set_to_none=True)
+
+        def step(forward=forward, opt=opt):
+            torch.nn.functional.cross_entropy(forward(x).float(), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(args.warmup - 1):
+            step()
+        first[variant] = time.perf_counter() - t0
+        steps[variant] = step
+    wall = {v: [] for v in variants}
+    cpu = {v: [] for v in variants}
+    for _ in range(args.iters):
+        for variant in variants:
+            c0, t0 = time.process_time(), time.perf_counter()
+            steps[variant]()
+            wall[variant].append(time.perf_counter() - t0)
+            cpu[variant].append(time.process_time() - c0)
+    ref = variants[0]
+    ref_logits, ref_grads = checks[ref]
+    records = []
+    for variant in variants:
+        logits, grads = checks[variant]
+        grad_diff = max(((grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)).item() for n, g in ref_grads.items())
+        records.append(dict(
+            model=name, backend="torch", option=variant, T=args.T, batch=args.batch,
+            ms_per_step=round(1000 * statistics.median(wall[variant]), 2),
+            cpu_ms_per_step=round(1000 * statistics.median(cpu[variant]), 2),
+            speedup=round(statistics.median(a / b for a, b in zip(wall[ref], wall[variant])), 3),
+            cpu_speedup=round(statistics.median(a / b for a, b in zip(cpu[ref], cpu[variant])), 3),
+            max_logit_diff=float(f"{(logits - ref_logits).abs().max().item():.3g}"),
+            max_grad_rel_diff=float(f"{grad_diff:.3g}"),
+            first_call_s=round(first[variant], 2), baseline=ref,
+            ms_all=[round(1000 * t, 2) for t in wall[variant]],
+            device="cpu", threads=torch.get_num_threads(),
+            loadavg_1m=round(os.getloadavg()[0], 2),
+        ))
+    print(json.dumps(records))
+
+
 SDSA_FEATURES = (512, 64)  # SDT-2-512 on CIFAR: C channels, N tokens
 SDSA_BACKENDS = ("unfused", "torch")  # official op order (k⊙v, sum, LIF, q⊙mask) vs models/sdsa.py
 
@@ -257,6 +361,8 @@ def run_worker(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.worker[0] == "options":  # no memory measurement: glibc's default malloc for the timing
+        return run_options_worker(torch, args.worker[1], args.worker[2].split(","), args)
     device = torch.device(args.device)
     memory = CudaMemory(torch) if device.type == "cuda" else CpuMemory()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -336,7 +442,20 @@ def run_config(config, args):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+OPTION_COLUMNS = ("model", "option", "T", "batch", "threads", "ms_per_step", "speedup", "cpu_speedup",
+                  "max_logit_diff", "max_grad_rel_diff", "first_call_s")
+
+
+def options_markdown(records):
+    """The --options table: one row per (model, variant), speedups against the first variant."""
+    lines = ["| " + " | ".join(OPTION_COLUMNS) + " |", "|" + "---|" * len(OPTION_COLUMNS)]
+    lines += ["| " + " | ".join(str(r[c]) for c in OPTION_COLUMNS) + " |" for r in records]
+    return "\n".join(lines)
+
+
 def markdown(records):
+    if records and all("option" in r for r in records):
+        return options_markdown(records)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in records]
     by_key = {(r["model"], r["backend"], r["T"]): r for r in records}
@@ -399,6 +518,9 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's default)")
+    parser.add_argument("--options", metavar="LIST",
+                        help="CPU speed variants timed interleaved in one process per model, e.g. "
+                             "plain,onednn_linear,bn_rows,channels_last,default,bf16,compile (first = baseline)")
     parser.add_argument("--json", metavar="FILE", help="also write the records as a JSON list")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)  # internal: one config
     args = parser.parse_args(argv)
@@ -440,6 +562,28 @@ def main(argv=None):
         parser.error("--device cuda, but torch.cuda.is_available() is False")
 
     records, failed = [], False
+    if args.options:
+        from spikeformers.train.speed import OPTIONS
+
+        variants = [v.strip() for v in args.options.split(",") if v.strip()]
+        known = (PLAIN, "default", "bf16", "compile")
+        for v in variants:
+            if v not in known and not all(o in OPTIONS for o in v.split("+")):
+                parser.error(f"--options: unknown variant {v!r}; expected {', '.join(known)} or options "
+                             f"joined by '+' from {', '.join(OPTIONS)}")
+        if args.device != "cpu" or len(variants) < 2 or any(m in ("lif", "sdsa") for m in models):
+            parser.error("--options needs --device cpu, at least two variants and model names only")
+        for T in t_values:
+            args.T = T
+            for model in models:
+                print(f"running {model} / {','.join(variants)} / T={T} ...", file=sys.stderr, flush=True)
+                result = run_config(("options", model, ",".join(variants)), args)
+                failed |= result is None
+                records += result or []
+        print(markdown(records))
+        if args.json:
+            write_json(args.json, records)
+        return 1 if failed else 0
     for T in t_values:
         args.T = T
         for config in configurations(models, args.limit, args.checkpointing, args.packed):

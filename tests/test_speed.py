@@ -167,3 +167,35 @@ def test_option_switch():
     assert set(speed.DEFAULT_OPTIONS) <= set(speed.OPTIONS)
     model = speed.apply_cpu_speed(timm.create_model("sdt_tiny", backend="torch"), ["channels_last"])
     assert model.patch_embed.proj_conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def _bench(*args, timeout=600):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_step.py"
+    env = dict(os.environ, SPIKEFORMERS_LIF_COMPILE="0")  # eager LIF loops: no compile in a test
+    return subprocess.run([sys.executable, "-P", str(script), *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def test_benchmark_times_options_side_by_side(tmp_path):
+    import json
+
+    out = tmp_path / "speed.json"
+    proc = _bench("--models", "spikformer_tiny", "--batch", "2", "--iters", "2", "--warmup", "2", "--threads", "1",
+                  "--options", "plain,bn_rows", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = json.loads(out.read_text())
+    assert [r["option"] for r in records] == ["plain", "bn_rows"]
+    plain, rows = records
+    assert plain["speedup"] == plain["cpu_speedup"] == 1.0 and plain["max_logit_diff"] == 0.0
+    assert rows["baseline"] == "plain" and rows["max_logit_diff"] < 1e-4 and len(rows["ms_all"]) == 2
+    assert "| spikformer_tiny | bn_rows |" in proc.stdout
+
+
+def test_benchmark_refuses_unknown_options():
+    proc = _bench("--models", "spikformer_tiny", "--options", "plain,fast", timeout=120)
+    assert proc.returncode == 2 and "unknown variant 'fast'" in proc.stderr

@@ -23,7 +23,8 @@ Options (``apply_cpu_speed(model, options)``):
   layout oneDNN's convolutions use natively; the LIF keeps the layout it is given, so no layer
   between two convolutions converts back.
 
-``DEFAULT_OPTIONS`` is the combination the trainer uses on the CPU (``trainer.cpu_speed``).
+``DEFAULT_OPTIONS`` is all three: each was faster on its own, and together fastest, in the
+side-by-side runs of benchmarks/bench_train_step.py ``--options`` (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ __all__ = ["OPTIONS", "DEFAULT_OPTIONS", "apply_cpu_speed", "onednn_available", 
 #: Every option, in the order they are applied.
 OPTIONS = ("onednn_linear", "bn_rows", "channels_last")
 #: What the trainer applies on the CPU unless told otherwise.
-DEFAULT_OPTIONS = ("onednn_linear", "bn_rows")
+DEFAULT_OPTIONS = ("onednn_linear", "bn_rows", "channels_last")
 
 
 def onednn_available() -> bool:
