@@ -235,3 +235,29 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             gpu_check.main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_checkout_that_is_not_installed_imports_through_a_link(tmp_path):
+    # A GPU machine gets the checkout, not an installed package: hide the installed one and the
+    # script still imports the package (and hands the path to its subprocesses).
+    code = f"""
+import importlib.util, os, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "Editable" not in getattr(f, "__name__", "")]
+sys.path[:] = [p for p in sys.path if not p.endswith("site-packages") or "torch" in os.listdir(p)]
+try:
+    import spikeformers
+    sys.exit("the installed package is still visible: the test proves nothing")
+except ImportError:
+    pass
+spec = importlib.util.spec_from_file_location("gpu_check", {str(SCRIPT)!r})
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+print(module.ensure_package())
+import spikeformers.kernels.cupy_lif as kernels
+print(os.environ["PYTHONPATH"].split(os.pathsep)[0], "__global__" in kernels.kernel_source("lif.cu"))
+"""
+    proc = subprocess.run([sys.executable, "-P", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found, (link_folder, source_ok) = proc.stdout.splitlines()[0], proc.stdout.splitlines()[1].split()
+    assert Path(found) == ROOT and source_ok == "True"
+    assert (Path(link_folder) / "spikeformers").resolve() == ROOT
