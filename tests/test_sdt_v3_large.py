@@ -400,3 +400,23 @@ def test_presets_follow_the_official_recipes():
     assert (kd["data"]["mixup"]["mixup"], kd["sched"]["warmup_epochs"]) == (0.5, 5)
     digits = _compose("sdtv3_digits")["model"]
     assert (digits["name"], digits["T"]) == ("sdtv3_tiny", 1)
+
+
+def test_distillation_stage_starts_from_a_fine_tune_checkpoint(tmp_path):
+    """What experiment=sdtv3_imagenet_12_*_kd does with finetune_from: a checkpoint of the KD-less
+    model initialises the KD model through the factory (head_kd freshly initialised)."""
+    from omegaconf import OmegaConf
+
+    from spikeformers.models.factory import build_model
+    from spikeformers.train.data import DataInfo
+
+    args = {"embed_dim": [16, 32, 64], "depth": 1}
+    data = DataInfo("imagenet", 10, 3, 64)
+    fine_tuned = timm.create_model("sdtv3_imagenet_12_512", num_classes=10, **args)
+    torch.save({"model": fine_tuned.state_dict(), "model_name": "sdtv3_imagenet_12_512", "config": {}}, tmp_path / "last.pt")
+    cfg = OmegaConf.create({"name": "sdtv3_imagenet_12_512_kd", "T": 1, "backend": "auto", "pretrained": False,
+                            "checkpoint": str(tmp_path / "last.pt"), "args": args})
+    model = build_model(cfg, data)
+    assert model.kd and torch.equal(model.head.weight, fine_tuned.head.weight)
+    assert torch.equal(model.block3[0].rep_conv.conv1[0].weight, fine_tuned.block3[0].rep_conv.conv1[0].weight)
+    assert model.head_kd.weight.shape == (10, 64)
