@@ -420,3 +420,17 @@ def test_distillation_stage_starts_from_a_fine_tune_checkpoint(tmp_path):
     assert model.kd and torch.equal(model.head.weight, fine_tuned.head.weight)
     assert torch.equal(model.block3[0].rep_conv.conv1[0].weight, fine_tuned.block3[0].rep_conv.conv1[0].weight)
     assert model.head_kd.weight.shape == (10, 64)
+
+
+def test_wider_rep_conv_file_loads_through_timm_pretrained(tmp_path):
+    """A converted file with the wider rep_conv loads with ``pretrained=True`` and a file overlay: the
+    filter widens the freshly built model before timm's strict load."""
+    from safetensors.torch import save_file
+
+    args = dict(embed_dim=(16, 32, 64), depth=2, num_classes=5)
+    source = timm.create_model("sdtv3_imagenet_12_512", **args).set_rep_conv_hidden(96)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    model = timm.create_model("sdtv3_imagenet_12_512", pretrained=True, **args,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "w.safetensors"), num_classes=5))
+    assert model.block3[1].rep_conv.conv1[0].weight.shape == (96, 64, 1)
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
