@@ -456,7 +456,7 @@ _SHORT = re.compile(r"^(FAILED|ERROR) (tests/\S+::\S+)(?: - (.*))?$")
 
 
 def pytest_command(limit_s: float) -> list[str]:
-    cmd = [sys.executable, "-P", "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", *CUDA_TESTS]
+    cmd = [sys.executable, "-P", "-m", "pytest", "-v", "-rfE", "--durations=15", "-p", "no:cacheprovider", *CUDA_TESTS]
     import importlib.util
 
     if importlib.util.find_spec("pytest_timeout"):  # one hung test must not take the others with it
@@ -667,19 +667,20 @@ def markdown(report: dict) -> str:
         ops = [r for r in rows if r["section"] == part]
         shape = "×".join(map(str, ops[0]["shape"][1:])) if ops else ""
         lines += ["", f"## {title}", "", f"[T, {shape}], device copy bandwidth {copy} GB/s (bytes read + written).", ""]
-        lines += _table(["backend", "T", "dtype", "ms", "GB/s", "of copy"],
-                        [[r["backend"], r["T"], r["dtype"], _value(r, "ms"), r.get("gb_per_s"), r.get("of_copy")] for r in ops])
+        lines += _table(["backend", "T", "dtype", "ms", "GB/s", "of copy", "first call s"],
+                        [[r["backend"], r["T"], r["dtype"], _value(r, "ms"), r.get("gb_per_s"), r.get("of_copy"),
+                          r.get("first_call_s")] for r in ops])
     if "train" in parts:
         rows = [r for r in parts["train"]["rows"] if r["section"] == "train"]
         lines += ["", "## Train step (forward, loss, backward, AdamW), bf16 autocast, T = 4", ""]
-        lines += _table(["model", "backend", "memory", "batch", "img", "ms / step", "images/s", "peak MB"],
+        lines += _table(["model", "backend", "memory", "batch", "img", "ms / step", "images/s", "peak MB", "first call s"],
                         [[r["model"], r["backend"], r["memory"], r["batch"], r.get("img_size"), _value(r, "ms"),
-                          r.get("images_per_s"), r.get("peak_mb")] for r in rows])
+                          r.get("images_per_s"), r.get("peak_mb"), r.get("first_call_s")] for r in rows])
         methods = {r["mem_method"] for r in rows if r.get("mem_method")}
         lines += ["", "Peak MB: " + ("torch.cuda.max_memory_allocated() over one step (weights, gradients and "
                                      "optimizer state included)" if methods == {"cuda_max_memory_allocated"}
                                      else "the process's peak resident memory (CPU), libraries included")
-                  + "; images/s = batch / median step time."]
+                  + "; images/s = batch / median step time; the first call includes compiles."]
     if "ddp" in parts:
         rows = [r for r in parts["ddp"]["rows"] if r["section"] == "ddp"]
         lines += ["", "## Trainer under torchrun, and DDP", ""]
