@@ -13,8 +13,9 @@ BLAS libraries; tests/test_speed.py bounds each option on models where no spike 
 Options (``apply_cpu_speed(model, options)``):
 
 - ``"onednn_linear"``: every ``nn.Linear`` runs forward and backward on oneDNN's fp32 matmul
-  instead of the BLAS GEMM (``torch.mm``); on this AMD CPU the BLAS takes a non-AVX-512 path and
-  oneDNN's kernels are about 2× faster for the transformer shapes ([T·B·N, C] × [C, C']).
+  instead of the BLAS GEMM (``torch.mm``, MKL in the official wheels): on the AMD EPYC (AVX-512)
+  these options were measured on, oneDNN ran the transformer shapes ([T·B·N, C] × [C, C']) about
+  2× faster than MKL. On other CPUs, measure first (benchmarks/bench_train_step.py ``--options``).
 - ``"bn_rows"``: a ``BatchNorm1d`` given a channels-in-the-middle view of token rows
   ([T·B, C, N] made by transposing [T·B, N, C], as the CIFAR Spikformer does after each Linear)
   normalises the rows [T·B·N, C] directly: the same statistics over the same T·B·N values per
