@@ -136,6 +136,8 @@ class SpikeCountNeuron(nn.Module):
             SpikeYOLO default. The state lives within one call (no ``reset_net`` needed).
     """
 
+    neuron_model = "count"  # for analysis tools: a stateless activation (sparsity counted, no membrane)
+
     def __init__(self, max_spike_count: int = 4, normalize: bool = True, rounding: str = "half_even",
                  grad_window: str = "closed", tau: float | None = None) -> None:
         super().__init__()
@@ -477,6 +479,16 @@ class SpikeCountClassifier(SpikingClassifier):
         self.max_spike_count = max_spike_count
         return self
 
+    spike_mode = "integer"
+
+    def set_spike_mode(self, mode: str) -> SpikeCountClassifier:
+        """``"binary"``: spike-driven inference in eval mode (every neuron-fed conv/linear runs on D
+        binary planes with its bias added once, spike products expanded; docs/spike_driven.md);
+        ``"integer"``: the trained network. Parameters and state_dict are untouched. Returns ``self``."""
+        from spikeformers.models.spike_driven import set_spike_mode  # spike_driven imports this module
+
+        return set_spike_mode(self, mode)
+
 
 class SpikeDrivenTransformerV3(SpikeCountClassifier):
     """E-SpikeFormer base model (official ``Spiking_vit_MetaFormer_Spike_SepConv``). Input: images
@@ -496,6 +508,8 @@ class SpikeDrivenTransformerV3(SpikeCountClassifier):
             differ from 1×D.
         T: time steps for image input (official 1).
         per_step_logits: return per-step logits [T, B, K] (e.g. for a TET loss).
+        spike_mode: ``"integer"`` (the trained network) or ``"binary"`` (spike-driven inference in eval
+            mode, the same function; docs/spike_driven.md). Switch later with :meth:`set_spike_mode`.
         img_size, backend, drop_rate, drop_path_rate: accepted for the timm API and the configs;
             unused (the integer neuron has one implementation; the official blocks never apply
             DropPath).
@@ -524,6 +538,7 @@ class SpikeDrivenTransformerV3(SpikeCountClassifier):
         global_pool: str = "avg",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        spike_mode: str = "integer",
     ) -> None:
         super().__init__()
         embed_dim = tuple(int(c) for c in embed_dim)
@@ -567,6 +582,7 @@ class SpikeDrivenTransformerV3(SpikeCountClassifier):
             dict(num_chs=c3, reduction=16, module=last("block4", "downsample4")),
         ]
         self.apply(init_linear_and_layernorm)  # official: Linear trunc-normal(0.02); convs, BN default
+        self.set_spike_mode(spike_mode)
 
     # --- timm API ---
 
@@ -604,6 +620,7 @@ class SpikeDrivenTransformerV3Large(SpikeCountClassifier):
             (see :class:`SpikeDrivenTransformerV3`).
         T: time steps for image input (official 1).
         per_step_logits: per-step logits [T, B, K].
+        spike_mode: ``"integer"`` or ``"binary"`` (see :class:`SpikeDrivenTransformerV3`).
         img_size, backend, drop_rate: accepted for the timm API and the configs; unused.
     """
 
@@ -631,6 +648,7 @@ class SpikeDrivenTransformerV3Large(SpikeCountClassifier):
         backend: str = "auto",
         global_pool: str = "avg",
         drop_rate: float = 0.0,
+        spike_mode: str = "integer",
     ) -> None:
         super().__init__()
         embed_dim = tuple(int(c) for c in embed_dim)
@@ -672,6 +690,7 @@ class SpikeDrivenTransformerV3Large(SpikeCountClassifier):
             dict(num_chs=c2, reduction=16, module="block3" if depth else "downsample3"),
         ]
         self.apply(init_linear_xavier)  # official: Linear xavier-uniform, bias 0; convs, BN default
+        self.set_spike_mode(spike_mode)
 
     def set_rep_conv_hidden(self, hidden: int) -> SpikeDrivenTransformerV3Large:
         """Rebuild every block's ``rep_conv`` with hidden width ``hidden`` (freshly initialised, on the

@@ -92,6 +92,7 @@ def binary_layer_call(layer: nn.Module, values: torch.Tensor, per_unit: int, max
     conv = isinstance(layer, nn.modules.conv._ConvNd)
     folded = conv and values.dim() == _conv_batched_rank(layer)
     inp = planes.flatten(0, 1) if folded else planes
+    layer.virtual_steps = max_spike_count  # for analysis hooks: the call's input is D planes, plane-major
     out = call_without_bias(layer, inp)
     if folded:
         out = out.unflatten(0, (max_spike_count, values.shape[0]))  # [D, N, C_out, *spatial]

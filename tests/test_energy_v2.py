@@ -378,11 +378,6 @@ def test_i4_zero_activity(zoo):
     name, model, x = zoo[:3]
     from spikeformers.train.neurobench import _neuron_model
 
-    if name == "sdtv3_tiny":
-        from spikeformers.models.sdt_v3 import SpikeCountNeuron
-
-        if not hasattr(SpikeCountNeuron, "neuron_model"):
-            pytest.xfail("SDT v3's SpikeCountNeuron does not declare neuron_model yet")
     hooks = [m.register_forward_hook(lambda m, a, out: torch.zeros_like(out))
              for m in model.modules() if _neuron_model(m) not in (None, "relu", "sigmoid")]
     try:

@@ -490,3 +490,19 @@ def test_release_tags_carry_D_and_explain_conversion(tmp_path, monkeypatch):
     assert timm.create_model("sdtv3_imagenet_m.in1k").max_spike_count == 4
     with pytest.raises(FileNotFoundError, match="spikeformers-hub convert FILE --model sdtv3_imagenet_12_512_kd"):
         timm.create_model("sdtv3_imagenet_12_512_kd.in1k_1x8", pretrained=True)
+
+
+def test_firing_rate_counts_spikes_per_virtual_step():
+    # The training/eval monitor must see E-SpikeFormer's neurons (it once reported 0.000) and count a
+    # count S as S spikes over D virtual steps: hidden neurons output S/D, the head neuron raw S.
+    from spikeformers.train.evaluate import FiringRate
+
+    D = 4
+    hidden, head = SpikeCountNeuron(D), SpikeCountNeuron(D, normalize=False)
+    model = nn.Sequential(hidden, head)
+    monitor = FiringRate(model)
+    model(torch.tensor([0.2, 1.0, 2.6, 9.0]))  # hidden counts 0, 1, 3, 4 -> outputs 0, .25, .75, 1
+    monitor.remove()
+    # hidden: (0+1+3+4)/(4*4) = 0.5; head on [0, .25, .75, 1] -> counts 0, 0, 1, 1 -> 2/(4*4)
+    assert monitor.block_rates() == {"0": 0.5, "1": 0.125}
+    assert monitor.spikes / monitor.count == pytest.approx((8 + 2) / 32)

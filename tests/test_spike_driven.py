@@ -343,8 +343,6 @@ def test_user_errors():
 def test_create_model_and_method_wiring():
     # ``timm.create_model(..., spike_mode=...)`` and ``model.set_spike_mode(mode)`` call set_spike_mode
     model = timm.create_model("sdtv3_tiny")
-    if not hasattr(model, "set_spike_mode"):
-        pytest.skip("sdt_v3 models do not offer set_spike_mode yet")
     assert model.spike_mode == "integer" and get_spike_mode(model) == "integer"
     assert model.set_spike_mode("binary") is model and get_spike_mode(model) == model.spike_mode == "binary"
     binary = timm.create_model("sdtv3_tiny", spike_mode="binary")
@@ -399,3 +397,28 @@ def test_docs_page_examples_run():
     assert blocks
     for block in blocks:
         exec(compile(block, "docs/spike_driven.md", "exec"), {})
+
+
+def test_energy_tool_counts_sops_on_the_binary_path():
+    # spikeformers-energy on a binary-mode model: every neuron-fed layer is a binary AC layer whose
+    # SOPs are the spikes it received × fan-out (= the layer's own counters), and the ANN equivalent
+    # (dense MACs of one pass) is the integer network's, not D times it.
+    from spikeformers.train.energy import analyze
+
+    torch.manual_seed(0)
+    model = lively(timm.create_model("sdtv3_tiny", num_classes=10).eval())
+    x = torch.randn(2, 1, 32, 32)  # sdtv3_tiny: digits, one channel
+    integer_report = analyze(model, [x])
+    set_spike_mode(model, "binary")
+    try:
+        reset_binary_event_counts(model)
+        binary_report = analyze(model, [x])
+        counters = binary_event_counts(model)
+    finally:
+        set_spike_mode(model, "integer")
+    assert binary_report.ann_energy_mJ == pytest.approx(integer_report.ann_energy_mJ, rel=1e-12)
+    layers = {r.name: r for r in binary_report.layers}
+    binary_layers = [r for r in binary_report.layers if r.input_type == "binary" and r.op in ("conv1d", "conv2d", "linear")]
+    assert len(binary_layers) == len(counters) > 10
+    for name, c in counters.items():
+        assert layers[name].sops == pytest.approx(c["sops"] / x.shape[0], rel=1e-6), name

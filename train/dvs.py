@@ -1,8 +1,8 @@
 """Event-camera data sets through SpikingJelly 2.0 (frames integrated offline from placed files).
 
 ``cifar10dvs``: ``CIFAR10DVS(root, data_type='frame', frames_number=T, split_by='number')``; it has
-no official split, so the first 90% of each class trains and the rest tests (architectures.md
-§6.3). ``gesture``: ``DVS128Gesture(root, train=..., ...)`` (1,176 / 288 samples). Frames are
+no official split, so the first 90% of each class trains and the rest tests (as the official
+Spikformer and SDT code split it). ``gesture``: ``DVS128Gesture(root, train=..., ...)`` (1,176 / 288 samples). Frames are
 [T, 2, 128, 128]; ``frame_size`` resizes them (SDT CIFAR10-DVS uses 64).
 """
 

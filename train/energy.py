@@ -1,6 +1,6 @@
 """Energy, SOP and firing-rate analysis (``spikeformers-energy``), as the papers estimate it.
 
-Spec: architectures.md §8. For every conv/linear layer the tool records, from forward hooks and
+As in the Spikformer and Spike-driven Transformer papers: for every conv/linear layer the tool records, from forward hooks and
 without changing the model, the **input**'s firing rate per time step (fraction of non-zero
 entries), its value type (binary spikes, integer spike sums, or real), the layer's ANN FLOPs per
 sample and time step, and
@@ -133,12 +133,20 @@ def layer_flops(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
     raise TypeError(f"no FLOP rule for {type(module).__name__}")
 
 
+def _op_name(module: nn.Module) -> str:
+    """"conv1d" / "conv2d" / "linear" for every subclass too (spike-driven mode swaps in subclasses)."""
+    for cls in (nn.Conv1d, nn.Conv2d, nn.Linear):
+        if isinstance(module, cls):
+            return cls.__name__.lower()
+    return type(module).__name__.lower()
+
+
 def input_type(x: torch.Tensor) -> str:
     if bool(((x == 0) | (x == 1)).all()):
         return "binary"
     nonzero = x[x != 0]
     if bool((nonzero == nonzero[0]).all()) and nonzero[0] > 0:
-        return "binary"  # spikes of one amplitude θ (IF neurons of a converted ANN, conversion.md §1.3)
+        return "binary"  # spikes of one amplitude θ (IF neurons of a converted ANN, QCFS)
     if bool((x == x.round()).all()) and bool((x >= 0).all()):
         return "integer"
     return "real"
@@ -198,17 +206,20 @@ class _Recorder:
     def _layer(self, name, merged: tuple[int, int, int] | None = None):
         """Record a conv/linear call. ``merged`` = (kernel, C_in, C_out): the module is a linear conv
         chain counted as the one k×k conv it re-parameterises into, on the chain's (spike) input
-        (more_families.md §4: SDT v2's RepConv and SepConv)."""
+        (SDT v2's RepConv and SepConv, whose re-parameterised form is one conv)."""
         def hook(module, args, out):
             x = args[0].detach()
             view, steps, shape = _per_step(x, self.T, self.B)
+            if getattr(module, "_bias_left_out", False):  # spike-driven mode: a call on D binary planes
+                steps = module.virtual_steps  # the planes are virtual time steps, plane-major
+                view, shape = x.reshape(steps, 1, -1), list(x.shape[1:])
             kind = input_type(view)
             if self.cfg.integer_inputs == "sum" and kind == "integer":
                 rates = view.float().mean(dim=(1, 2))  # spikes per entry: one AC per spike
             else:
                 rates = (view != 0).float().mean(dim=(1, 2))  # one AC per non-zero entry
             if merged is None:
-                flops, op = layer_flops(module, x, out), type(module).__name__.lower()
+                flops, op = layer_flops(module, x, out), _op_name(module)
             else:
                 kernel, in_channels, out_channels = merged
                 flops, op = out.shape[0] * out.shape[-2] * out.shape[-1] * kernel * kernel * in_channels * out_channels, "conv2d"
@@ -318,7 +329,7 @@ def analyze(model: nn.Module, batches, cfg: EnergyConfig | None = None, model_na
 
 
 def attention_energy_ratio(N: int, D: int, T: int, rate: float, e_mac_pj: float = 4.6, e_ac_pj: float = 0.9) -> float:
-    """Vanilla self-attention energy over the SDSA operator's (architectures.md §8):
+    """Vanilla self-attention energy over the SDSA operator's (Spike-driven Transformer, Yao et al. 2023):
     E_MAC·2N²D / (E_AC·T·R̃·N·D) = 2·N·E_MAC / (T·R̃·E_AC)."""
     return (e_mac_pj * 2 * N * N * D) / (e_ac_pj * T * rate * N * D)
 

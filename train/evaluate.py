@@ -55,8 +55,19 @@ def to_model_input(images: torch.Tensor, info: DataInfo, device: torch.device) -
     return images.transpose(0, 1).contiguous() if info.sequence else images
 
 
+def spike_total(neuron: torch.nn.Module, output: torch.Tensor) -> float:
+    """Spikes in one neuron output, in units of neuron-steps: a binary neuron fires 0 or 1 per step.
+    An integer spike-count neuron (``neuron_model = "count"``, E-SpikeFormer) emits S ∈ {0..D} per
+    step as S/n (n = D, or 1 for a raw-count head), which is S spikes over D virtual steps: it counts
+    S/D, so its rate is the paper's spikes per neuron per virtual step and stays within [0, 1]."""
+    if getattr(neuron, "neuron_model", None) == "count":
+        per_unit = neuron.max_spike_count if neuron.normalize else 1
+        return float(output.detach().sum()) * per_unit / neuron.max_spike_count
+    return float(output.detach().count_nonzero())
+
+
 class FiringRate:
-    """Firing rates of every LIF (and converted IF) output (spikes / neuron-steps) via forward hooks: overall, per
+    """Firing rates of every neuron output (spikes / neuron-steps, see :func:`spike_total`) via forward hooks: overall, per
     block (``patch_embed``, ``block.i``, ``head_lif``), and the layers that were silent (rate 0)
     or saturated (rate 1) over a whole batch."""
 
@@ -68,14 +79,14 @@ class FiringRate:
         from spikeformers.models.qcfs import IFNeuron  # converted QCFS networks: spikes of amplitude θ
 
         self.hooks = [m.register_forward_hook(self._hook(name)) for name, m in model.named_modules()
-                      if isinstance(m, (LIF, IFNeuron))]
+                      if isinstance(m, (LIF, IFNeuron)) or getattr(m, "neuron_model", None) == "count"]
 
     def _hook(self, name: str):
         parts = name.split(".")
         block = ".".join(parts[:2]) if parts[0] == "block" else parts[0]
 
         def hook(module, inputs, output) -> None:
-            spikes, count = float(output.detach().count_nonzero()), output.numel()
+            spikes, count = spike_total(module, output), output.numel()
             self.spikes += spikes
             self.count += count
             totals = self.by_block.setdefault(block, [0.0, 0])
