@@ -189,6 +189,11 @@ def _build_model(cfg: DictConfig, ctx: Dist, info: DataInfo) -> tuple[torch.nn.M
     spike_storage = packed_spikes if tcfg.memory == "packed" else nullcontext
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if ctx.device.type == "cpu" and str(tcfg.get("cpu_speed") or "none") != "none":
+        from spikeformers.train.speed import DEFAULT_OPTIONS, apply_cpu_speed
+
+        # the same fp32 computation, reordered for the CPU's libraries (docs/performance.md)
+        model = apply_cpu_speed(model, DEFAULT_OPTIONS if tcfg.cpu_speed == "default" else tcfg.cpu_speed)
     if tcfg.sync_bn and ctx.world > 1 and ctx.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if tcfg.freeze_backbone:  # fine-tuning: train only the classifier
