@@ -33,18 +33,10 @@ RUN = ("bash", "sh", "shell")
 NOT_COMMANDS = ("text", "yaml", "yml", "toml", "json", "csv", "")
 # README (1) and (2): .ci/run runs them in a fresh environment (with the accuracy target of (1)).
 RUN_BY_CI = {"pip install -e . && spikeformers-train", 'pip install -e ".[test]" && python -P -m pytest -q'}
-# Blocks that fail today on pages whose authors were told (page, first line of the block) -> why;
-# they are skipped, and the test reports them. Fix the page, then drop its entry.
-KNOWN_FAILING: dict[tuple[str, str], str] = {
-    ("docs/atsnn.md", "spikeformers-train experiment=atsnn_digits                      # digits, spikformer_tiny backbone"):
-        "five full trainings (minutes each); experiment=atsnn_cifar100 needs CIFAR-100 (no data.root given)",
-    ("docs/kernels.md", "from spikeformers.models import set_backend"): "uses an undefined `model`, and CUDA (model.cuda())",
-    ("docs/qkformer.md", "import timm, spikeformers  # noqa: F401"): "uses undefined `images` and `frames`",
-    ("docs/qkformer.md", 'model = timm.create_model("qkformer_imagenet_10_384", pretrained=True,'):
-        "a fragment without imports; needs the official checkpoint-199.pth",
-    ("docs/sdt_v2.md", "import timm, spikeformers  # noqa: F401"): "uses an undefined `images`",
-    ("docs/spikingformer.md", "import timm, spikeformers  # noqa: F401"): "uses undefined `images` and `frames`",
-}
+# Blocks that fail today on pages whose authors were told: (page, first line of the block) -> why.
+# They still run; one that fails is skipped and reported, one that passes fails the test (drop its
+# entry), and an entry that names no block fails test_known_failing_entries_name_blocks.
+KNOWN_FAILING: dict[tuple[str, str], str] = {}
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)
 ENV = dict(os.environ, SPIKEFORMERS_LIF_COMPILE="0", WANDB_MODE="disabled", WANDB_SILENT="true", PYTHONUNBUFFERED="1",
            PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -108,6 +100,13 @@ def test_the_ci_commands_are_still_in_the_readme():
     assert RUN_BY_CI <= set(readme), "README commands (1)/(2) changed: update RUN_BY_CI and .ci/run together"
 
 
+def test_known_failing_entries_name_blocks():
+    """A KNOWN_FAILING entry whose block was fixed away or reworded must go, not stay unnoticed."""
+    present = {(page_id(p), code.strip().splitlines()[0]) for p in PAGES for _, code in runnable(p) if code.strip()}
+    stale = sorted(set(KNOWN_FAILING) - present)
+    assert not stale, f"KNOWN_FAILING entries that name no runnable block: {stale}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=page_id)
 def test_page_commands_run_as_written(page, tmp_path):
@@ -115,9 +114,7 @@ def test_page_commands_run_as_written(page, tmp_path):
     failures, skipped = [], []
     for index, (kind, code) in enumerate(runnable(page)):
         first = code.strip().splitlines()[0]
-        if (page_id(page), first) in KNOWN_FAILING:
-            skipped.append(f"`{first}`: {KNOWN_FAILING[page_id(page), first]}")
-            continue
+        known = KNOWN_FAILING.get((page_id(page), first))
         if kind == "bash":
             argv = ["bash", "-e", "-o", "pipefail", "-c", code]
         else:
@@ -125,11 +122,16 @@ def test_page_commands_run_as_written(page, tmp_path):
         try:
             out = subprocess.run(argv, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
         except subprocess.TimeoutExpired:
-            failures.append(f"block {index + 1} ({kind}) `{first}`: timed out")
-            continue
-        if out.returncode != 0:
+            failure = "timed out"
+        else:
             tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
-            failures.append(f"block {index + 1} ({kind}) `{first}`: exit {out.returncode}: {' | '.join(tail)}")
+            failure = f"exit {out.returncode}: {' | '.join(tail)}" if out.returncode else None
+        if known and failure:
+            skipped.append(f"`{first}`: {known}")
+        elif known:
+            failures.append(f"block {index + 1} ({kind}) `{first}` passes now: drop it from KNOWN_FAILING")
+        elif failure:
+            failures.append(f"block {index + 1} ({kind}) `{first}`: {failure}")
     assert not failures, "\n".join(failures)
     if skipped:
         pytest.skip("known to fail: " + "; ".join(skipped))
