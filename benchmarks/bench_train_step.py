@@ -27,6 +27,19 @@ What is measured, per (model, backend):
   (``DEFAULT_OPTIONS``), ``bf16`` (``torch.autocast`` bfloat16 with fp32 weights, what
   ``trainer.amp=true`` does on the CPU; not exact), ``compile`` (``torch.compile`` of every stage:
   patch embedding and each block).
+- ``--official spikformer=DIR,sdt=DIR`` (CPU; the official code is never copied into this
+  repository): per model of that family, the same worker also imports the official ``model.py``
+  from DIR (Spikformer: the folder of the official CIFAR or ImageNet ``model.py``; SDT: the
+  repository root, which holds ``model.py`` and ``module/``; DIR goes on ``sys.path`` inside the
+  worker only, so their own imports of ``module``, SpikingJelly and timm work), builds the official
+  class (``Spikformer`` / ``SpikeDrivenTransformer``, our class names are the official ones) with
+  our model's configuration, loads our weights into it (our keys are the official keys;
+  ``official_keys_loaded`` counts them), and times its step as one more variant, ``official``,
+  resetting its neurons after every step as the official training loop does. Every variant's
+  record then has ``vs_official`` / ``cpu_vs_official``: the median over rounds of official's step
+  time / the variant's (how many times faster ours is), and the official row has the logit and
+  gradient differences against the first variant. Without ``--options`` the variants are
+  ``plain,official``.
 
 Every configuration runs in a fresh subprocess of this script (one JSON line back on stdout),
 one after the other in the same run: a model's two backends run back to back.
@@ -60,6 +73,8 @@ Run (a few minutes on a 2-core CPU):
     python -P benchmarks/bench_train_step.py --json bench.json
     python -P benchmarks/bench_train_step.py --models sdt_cifar_2_512,lif --iters 10 --device cuda
     python -P benchmarks/bench_train_step.py --models spikformer_cifar_4_384 --options plain,default --json speed.json
+    python -P benchmarks/bench_train_step.py --models spikformer_cifar_4_384,sdt_cifar_2_512 --options plain,default \
+        --official spikformer=spikformer/cifar10,sdt=Spike-Driven-Transformer --json official.json
 
 The Markdown table goes to stdout, progress to stderr.
 """
@@ -76,6 +91,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+from spikeformers.models.errors import UserError
 
 DEFAULT_MODELS = ("spikformer_cifar_4_384", "sdt_cifar_2_512", "lif")
 # One configuration per later family (`--models families`); SDT v2 is ImageNet-only, so time it with
@@ -222,6 +240,76 @@ def make_model_step(torch, name, backend, args, device):
 # --- CPU speed options, interleaved in one worker (--options) -----------------------------------
 
 PLAIN = "plain"
+OFFICIAL = "official"
+# Our model class -> (--official key, the official class of the same name in the official model.py).
+OFFICIAL_FAMILIES = {"Spikformer": "spikformer", "SpikeDrivenTransformer": "sdt"}
+OFFICIAL_FILE = "model.py"
+USER_ERROR = "bench_train_step: error: "  # a worker's one-line user error, raised again by the driver
+
+
+def parse_official(spec):
+    """``spikformer=DIR,sdt=DIR`` -> {family: Path}; every folder must hold the official model.py."""
+    dirs = {}
+    for item in (i.strip() for i in spec.split(",") if i.strip()):
+        family, sep, folder = item.partition("=")
+        if not sep or family not in OFFICIAL_FAMILIES.values():
+            raise UserError(f"--official: expected FAMILY=DIR with FAMILY in {', '.join(OFFICIAL_FAMILIES.values())}, "
+                            f"got {item!r}")
+        path = Path(folder).expanduser().resolve()
+        if not path.is_dir():
+            raise UserError(f"--official {family}: no such folder {folder!r}")
+        if not (path / OFFICIAL_FILE).is_file():
+            raise UserError(f"--official {family}: {folder!r} has no {OFFICIAL_FILE} (the official model file)")
+        dirs[family] = path
+    if not dirs:
+        raise UserError("--official is empty")
+    return dirs
+
+
+def official_kwargs(model, T, height, width):
+    """Our model's configuration as the official constructor's arguments (same names, same meaning)."""
+    block = model.block[0]
+    hidden = next(p for n, p in block.mlp.named_parameters() if n.startswith("fc1") and p.ndim >= 2).shape[0]
+    kwargs = dict(img_size_h=height, img_size_w=width, patch_size=16 if height >= 224 else 4,
+                  in_channels=model.in_chans, num_classes=model.num_classes, embed_dims=model.embed_dim,
+                  num_heads=block.attn.num_heads, mlp_ratios=hidden // model.embed_dim, depths=len(model.block),
+                  qkv_bias=False, T=T)
+    if OFFICIAL_FAMILIES[type(model).__name__] == "spikformer":
+        return dict(kwargs, sr_ratios=1)
+    return dict(kwargs, pooling_stat=model.pooling_stat, spike_mode="lif", dvs_mode=model.dvs_mode, TET=False)
+
+
+def build_official(torch, model, folder, T, height, width):
+    """The official class from ``folder``/model.py, configured as ``model`` and loaded with its weights.
+
+    Returns (official model, forward returning logits, neuron reset, "loaded/official keys")."""
+    import importlib.util
+
+    family = OFFICIAL_FAMILIES[type(model).__name__]
+    class_name = type(model).__name__
+    sys.path.insert(0, str(folder))  # the official files import their siblings (SDT: `from module import *`)
+    spec = importlib.util.spec_from_file_location(f"official_{family}_model", folder / OFFICIAL_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise UserError(f"--official {family}: {folder / OFFICIAL_FILE} defines no class {class_name}")
+    official = cls(**official_kwargs(model, T, height, width)).train()
+    ours, theirs = model.state_dict(), official.state_dict()
+    matching = {k: v for k, v in ours.items() if k in theirs and theirs[k].shape == v.shape}
+    official.load_state_dict(matching, strict=False)
+    # SpikingJelly neurons keep their membrane between calls: the official loop resets them after each batch.
+    resettable = [m for m in official.modules() if callable(getattr(m, "reset", None))]
+
+    def forward(x):
+        out = official(x)
+        return out[0] if isinstance(out, tuple) else out  # SDT returns (logits, firing-rate hook)
+
+    def reset():
+        for m in resettable:
+            m.reset()
+
+    return official, forward, reset, f"{len(matching)}/{len(theirs)}"
 
 
 def make_variant(torch, model, variant):
@@ -245,7 +333,8 @@ def make_variant(torch, model, variant):
 
 
 def run_options_worker(torch, name, variants, args):
-    """Every variant of ``name`` from the same weights and batch, steps timed round-robin."""
+    """Every variant of ``name`` from the same weights and batch, steps timed round-robin; with
+    ``--official``, the official model of its family as the last variant."""
     import copy
 
     import timm
@@ -260,10 +349,20 @@ def run_options_worker(torch, name, variants, args):
         height = width = args.img_size
     x = torch.randn(args.batch, chans, height, width, generator=gen)
     y = torch.randint(0, base.num_classes, (args.batch,), generator=gen)
+    official_keys = None
+    if args.official:
+        family = OFFICIAL_FAMILIES.get(type(base).__name__)
+        folder = parse_official(args.official).get(family)
+        if folder is not None:
+            variants = [*variants, OFFICIAL]
     steps, checks, first = {}, {}, {}
     for variant in variants:
-        model = copy.deepcopy(base)
-        forward = make_variant(torch, model, variant)
+        reset = None
+        if variant == OFFICIAL:
+            model, forward, reset, official_keys = build_official(torch, base, folder, args.T, height, width)
+        else:
+            model = copy.deepcopy(base)
+            forward = make_variant(torch, model, variant)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         t0 = time.perf_counter()
         logits = forward(x)  # exactness check: logits and gradients of one loss on the same batch
@@ -271,11 +370,15 @@ def run_options_worker(torch, name, variants, args):
         checks[variant] = (logits.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters()
                                                       if p.grad is not None})
         opt.zero_grad(set_to_none=True)
+        if reset:
+            reset()
 
-        def step(forward=forward, opt=opt):
+        def step(forward=forward, opt=opt, reset=reset):
             torch.nn.functional.cross_entropy(forward(x).float(), y).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if reset:
+                reset()
 
         for _ in range(args.warmup - 1):
             step()
@@ -294,8 +397,9 @@ def run_options_worker(torch, name, variants, args):
     records = []
     for variant in variants:
         logits, grads = checks[variant]
-        grad_diff = max(((grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)).item() for n, g in ref_grads.items())
-        records.append(dict(
+        grad_diff = max(((grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)).item()
+                        for n, g in ref_grads.items() if n in grads)
+        record = dict(
             model=name, backend="torch", option=variant, T=args.T, batch=args.batch,
             ms_per_step=round(1000 * statistics.median(wall[variant]), 2),
             cpu_ms_per_step=round(1000 * statistics.median(cpu[variant]), 2),
@@ -307,7 +411,12 @@ def run_options_worker(torch, name, variants, args):
             ms_all=[round(1000 * t, 2) for t in wall[variant]],
             device="cpu", threads=torch.get_num_threads(),
             loadavg_1m=round(os.getloadavg()[0], 2),
-        ))
+        )
+        if OFFICIAL in wall:  # how many times faster than the official step, round by round
+            record["vs_official"] = round(statistics.median(a / b for a, b in zip(wall[OFFICIAL], wall[variant])), 3)
+            record["cpu_vs_official"] = round(statistics.median(a / b for a, b in zip(cpu[OFFICIAL], cpu[variant])), 3)
+            record["official_keys_loaded"] = official_keys
+        records.append(record)
     print(json.dumps(records))
 
 
@@ -362,7 +471,11 @@ def run_worker(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker[0] == "options":  # no memory measurement: glibc's default malloc for the timing
-        return run_options_worker(torch, args.worker[1], args.worker[2].split(","), args)
+        try:
+            return run_options_worker(torch, args.worker[1], args.worker[2].split(","), args)
+        except UserError as e:  # one line for the driver to raise again
+            print(USER_ERROR + str(e), file=sys.stderr)
+            return 2
     device = torch.device(args.device)
     memory = CudaMemory(torch) if device.type == "cuda" else CpuMemory()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -434,7 +547,12 @@ def run_config(config, args):
            "--warmup", str(args.warmup), "--device", args.device] + (["--img-size", str(args.img_size)] if args.img_size else [])
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.official:
+        cmd += ["--official", args.official]
     proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stderr.splitlines():
+        if proc.returncode == 2 and line.startswith(USER_ERROR):
+            raise UserError(line[len(USER_ERROR):])
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         print(f"FAILED {' '.join(config[1:])}:\n{tail}", file=sys.stderr)
@@ -447,9 +565,18 @@ OPTION_COLUMNS = ("model", "option", "T", "batch", "threads", "ms_per_step", "sp
 
 
 def options_markdown(records):
-    """The --options table: one row per (model, variant), speedups against the first variant."""
-    lines = ["| " + " | ".join(OPTION_COLUMNS) + " |", "|" + "---|" * len(OPTION_COLUMNS)]
-    lines += ["| " + " | ".join(str(r[c]) for c in OPTION_COLUMNS) + " |" for r in records]
+    """The --options table: one row per (model, variant), speedups against the first variant (and
+    against the official step with --official), then one line per model: ours vs official."""
+    columns = OPTION_COLUMNS + (("vs_official", "cpu_vs_official") if any("vs_official" in r for r in records) else ())
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in records]
+    official = {r["model"]: r for r in records if r["option"] == OFFICIAL}
+    for r in records:
+        if r["option"] != OFFICIAL and r["model"] in official:
+            lines.append(f"ours vs official {r['model']} ({r['option']}): {r['vs_official']:.2f}x wall, "
+                         f"{r['cpu_vs_official']:.2f}x CPU, max |dlogit| {official[r['model']]['max_logit_diff']:.3g} "
+                         f"(official vs {official[r['model']]['baseline']}), "
+                         f"official keys loaded {r['official_keys_loaded']}")
     return "\n".join(lines)
 
 
@@ -521,6 +648,9 @@ def main(argv=None):
     parser.add_argument("--options", metavar="LIST",
                         help="CPU speed variants timed interleaved in one process per model, e.g. "
                              "plain,onednn_linear,bn_rows,channels_last,default,bf16,compile (first = baseline)")
+    parser.add_argument("--official", metavar="FAMILY=DIR,...",
+                        help="also time the official model, e.g. spikformer=DIR,sdt=DIR: DIR holds the official "
+                             "model.py (SDT: the repository root, with module/); with --options or plain alone")
     parser.add_argument("--json", metavar="FILE", help="also write the records as a JSON list")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)  # internal: one config
     args = parser.parse_args(argv)
@@ -562,6 +692,9 @@ def main(argv=None):
         parser.error("--device cuda, but torch.cuda.is_available() is False")
 
     records, failed = [], False
+    if args.official:
+        parse_official(args.official)  # the folders and their model.py, before any worker starts
+        args.options = args.options or PLAIN
     if args.options:
         from spikeformers.train.speed import OPTIONS
 
@@ -571,8 +704,9 @@ def main(argv=None):
             if v not in known and not all(o in OPTIONS for o in v.split("+")):
                 parser.error(f"--options: unknown variant {v!r}; expected {', '.join(known)} or options "
                              f"joined by '+' from {', '.join(OPTIONS)}")
-        if args.device != "cpu" or len(variants) < 2 or any(m in ("lif", "sdsa") for m in models):
-            parser.error("--options needs --device cpu, at least two variants and model names only")
+        if args.device != "cpu" or len(variants) < 2 - bool(args.official) or any(m in ("lif", "sdsa") for m in models):
+            parser.error("--options needs --device cpu, at least two variants (one with --official) "
+                         "and model names only")
         for T in t_values:
             args.T = T
             for model in models:
@@ -601,4 +735,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
