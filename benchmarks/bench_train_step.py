@@ -355,6 +355,9 @@ def run_options_worker(torch, name, variants, args):
         folder = parse_official(args.official).get(family)
         if folder is not None:
             variants = [*variants, OFFICIAL]
+        elif len(variants) < 2:  # nothing to compare with
+            raise UserError(f"--official has no {family or 'official'} folder for {name} (a {type(base).__name__}); "
+                            f"families: {', '.join(OFFICIAL_FAMILIES.values())}")
     steps, checks, first = {}, {}, {}
     for variant in variants:
         reset = None

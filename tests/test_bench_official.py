@@ -99,3 +99,13 @@ def test_official_missing_class_is_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         f"bench_train_step.py: error: --official spikformer: {tmp_path / 'model.py'} defines no class Spikformer")
+
+
+def test_official_for_another_family_is_one_line(tmp_path):
+    (tmp_path / "model.py").write_text("")
+    proc = _bench("--models", "sdt_tiny", "--batch", "2", "--T", "1", "--iters", "1", "--warmup", "2",
+                  "--official", f"spikformer={tmp_path}", timeout=180)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "bench_train_step.py: error: --official has no sdt folder for sdt_tiny (a SpikeDrivenTransformer); "
+        "families: spikformer, sdt")
