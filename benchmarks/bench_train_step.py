@@ -31,7 +31,8 @@ What is measured, per (model, backend):
   repository): per model of that family, the same worker also imports the official ``model.py``
   from DIR (Spikformer: the folder of the official CIFAR or ImageNet ``model.py``; SDT: the
   repository root, which holds ``model.py`` and ``module/``; DIR goes on ``sys.path`` inside the
-  worker only, so their own imports of ``module``, SpikingJelly and timm work), builds the official
+  worker only, so their own imports of ``module`` and timm work; their ``spikingjelly.clock_driven``
+  imports get SpikingJelly 2.0's neurons, see ``install_clock_driven_names``), builds the official
   class (``Spikformer`` / ``SpikeDrivenTransformer``, our class names are the official ones) with
   our model's configuration, loads our weights into it (our keys are the official keys;
   ``official_keys_loaded`` counts them), and times its step as one more variant, ``official``,
@@ -279,6 +280,47 @@ def official_kwargs(model, T, height, width):
     return dict(kwargs, pooling_stat=model.pooling_stat, spike_mode="lif", dvs_mode=model.dvs_mode, TET=False)
 
 
+def install_clock_driven_names():
+    """The SpikingJelly 0.0.0.0.12 names the official files import, on SpikingJelly 2.0.
+
+    Both official repositories import ``spikingjelly.clock_driven`` (``neuron.MultiStepLIFNode``,
+    ``MultiStepParametricLIFNode``, ``functional``, ...), which SpikingJelly 2.0 no longer has. When
+    it is missing, this registers it as aliases of ``spikingjelly.activation_based``, the multi-step
+    neurons as the 2.0 neurons with ``step_mode="m"``: the same charge H = V + (X - V) / tau, fire
+    S = (H >= v_th), hard reset to 0 and Sigmoid(alpha=4) surrogate, so the official files run
+    unmodified. ``backend`` ("cupy" in the official files) is dropped: the 2.0 neurons run the
+    recurrence in torch on the CPU."""
+    import importlib
+    import types
+
+    try:
+        importlib.import_module("spikingjelly.clock_driven.neuron")
+        return
+    except ModuleNotFoundError:
+        pass
+    from spikingjelly.activation_based import functional, layer, neuron, surrogate
+
+    class MultiStepLIFNode(neuron.LIFNode):
+        def __init__(self, *args, backend=None, lynchip=None, **kwargs):
+            super().__init__(*args, step_mode="m", **kwargs)
+
+    class MultiStepParametricLIFNode(neuron.ParametricLIFNode):
+        def __init__(self, *args, backend=None, **kwargs):
+            super().__init__(*args, step_mode="m", **kwargs)
+
+    legacy_neuron = types.ModuleType("spikingjelly.clock_driven.neuron")
+    legacy_neuron.__dict__.update(vars(neuron))
+    legacy_neuron.MultiStepLIFNode = MultiStepLIFNode
+    legacy_neuron.MultiStepParametricLIFNode = MultiStepParametricLIFNode
+    package = types.ModuleType("spikingjelly.clock_driven")
+    package.__path__ = []
+    modules = dict(neuron=legacy_neuron, functional=functional, layer=layer, surrogate=surrogate)
+    for name, module in modules.items():
+        setattr(package, name, module)
+        sys.modules[f"spikingjelly.clock_driven.{name}"] = module
+    sys.modules["spikingjelly.clock_driven"] = package
+
+
 def build_official(torch, model, folder, T, height, width):
     """The official class from ``folder``/model.py, configured as ``model`` and loaded with its weights.
 
@@ -288,6 +330,7 @@ def build_official(torch, model, folder, T, height, width):
     family = OFFICIAL_FAMILIES[type(model).__name__]
     class_name = type(model).__name__
     sys.path.insert(0, str(folder))  # the official files import their siblings (SDT: `from module import *`)
+    install_clock_driven_names()
     spec = importlib.util.spec_from_file_location(f"official_{family}_model", folder / OFFICIAL_FILE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -24,6 +24,7 @@ from torch import nn
 
 import spikeformers  # noqa: F401
 import sibling  # the official files import their siblings: the folder must be on sys.path
+from spikingjelly.clock_driven.neuron import MultiStepLIFNode  # the official files' import (0.0.0.0.12 name)
 
 CALLS = []
 
@@ -44,6 +45,7 @@ class Spikformer(nn.Module):
             self.add_module(name, child)
         self.__dict__["inner"] = inner
         self.resets = 0
+        assert MultiStepLIFNode(tau=2.0, detach_reset=True, backend="cupy").step_mode == "m"
 
     def reset(self):  # what SpikingJelly's neurons define; the benchmark calls it after each step
         self.resets += 1
@@ -109,3 +111,29 @@ def test_official_for_another_family_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         "bench_train_step.py: error: --official has no sdt folder for sdt_tiny (a SpikeDrivenTransformer); "
         "families: spikformer, sdt")
+
+
+def test_official_neuron_names_on_spikingjelly_2():
+    """The official files' ``MultiStepLIFNode`` on SpikingJelly 2.0, against the LIF equations
+    by hand: X = 1.2 at every step, H = V + (X - V) / 2, S = (H >= v_th), V = H (1 - S).
+    v_th 1.0: H = 0.6, 0.9, 1.05 -> spikes 0, 0, 1; v_th 0.5 (the attention neurons): H = 0.6 and a
+    reset every step -> 1, 1, 1."""
+    code = f"""
+import importlib.util, sys, torch
+spec = importlib.util.spec_from_file_location("bench", {str(SCRIPT)!r})
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+bench.install_clock_driven_names()
+from spikingjelly.clock_driven import functional
+from spikingjelly.clock_driven.neuron import MultiStepLIFNode, MultiStepParametricLIFNode
+x = torch.full((3, 1), 1.2)
+for v_th in (1.0, 0.5):
+    lif = MultiStepLIFNode(tau=2.0, v_threshold=v_th, detach_reset=True, backend="cupy")
+    print(lif(x[:2]).flatten().tolist())  # leaves V = 0.9 (v_th 1.0): the reset must clear it
+    functional.reset_net(lif)
+    print(lif(x).flatten().tolist())
+MultiStepParametricLIFNode(init_tau=2.0, detach_reset=True, backend="cupy")
+"""
+    proc = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[:4] == ["[0.0, 0.0]", "[0.0, 0.0, 1.0]", "[1.0, 1.0]", "[1.0, 1.0, 1.0]"]
