@@ -28,9 +28,9 @@ What is measured, per (model, backend):
   ``trainer.amp=true`` does on the CPU; not exact), ``compile`` (``torch.compile`` of every stage:
   patch embedding and each block).
 - ``--official spikformer=DIR,sdt=DIR`` (CPU; the official code is never copied into this
-  repository): per model of that family, the same worker also imports the official ``model.py``
-  from DIR (Spikformer: the folder of the official CIFAR or ImageNet ``model.py``; SDT: the
-  repository root, which holds ``model.py`` and ``module/``; DIR goes on ``sys.path`` inside the
+  repository): per model of that family, the same worker also imports the official model file
+  from DIR (Spikformer: ``model.py`` in the official ``cifar10/`` or ``imagenet/`` folder; SDT:
+  ``model/spikeformer.py`` in the repository root, next to ``module/``; DIR goes on ``sys.path`` inside the
   worker only, so their own imports of ``module`` and timm work; their ``spikingjelly.clock_driven``
   imports get SpikingJelly 2.0's neurons, see ``install_clock_driven_names``), builds the official
   class (``Spikformer`` / ``SpikeDrivenTransformer``, our class names are the official ones) with
@@ -244,12 +244,13 @@ PLAIN = "plain"
 OFFICIAL = "official"
 # Our model class -> (--official key, the official class of the same name in the official model.py).
 OFFICIAL_FAMILIES = {"Spikformer": "spikformer", "SpikeDrivenTransformer": "sdt"}
-OFFICIAL_FILE = "model.py"
+# --official key -> the official model file in its folder (Spikformer: cifar10/ or imagenet/; SDT: the root).
+OFFICIAL_FILES = {"spikformer": "model.py", "sdt": "model/spikeformer.py"}
 USER_ERROR = "bench_train_step: error: "  # a worker's one-line user error, raised again by the driver
 
 
 def parse_official(spec):
-    """``spikformer=DIR,sdt=DIR`` -> {family: Path}; every folder must hold the official model.py."""
+    """``spikformer=DIR,sdt=DIR`` -> {family: Path}; every folder must hold its official model file."""
     dirs = {}
     for item in (i.strip() for i in spec.split(",") if i.strip()):
         family, sep, folder = item.partition("=")
@@ -259,8 +260,8 @@ def parse_official(spec):
         path = Path(folder).expanduser().resolve()
         if not path.is_dir():
             raise UserError(f"--official {family}: no such folder {folder!r}")
-        if not (path / OFFICIAL_FILE).is_file():
-            raise UserError(f"--official {family}: {folder!r} has no {OFFICIAL_FILE} (the official model file)")
+        if not (path / OFFICIAL_FILES[family]).is_file():
+            raise UserError(f"--official {family}: {folder!r} has no {OFFICIAL_FILES[family]} (the official model file)")
         dirs[family] = path
     if not dirs:
         raise UserError("--official is empty")
@@ -322,7 +323,7 @@ def install_clock_driven_names():
 
 
 def build_official(torch, model, folder, T, height, width):
-    """The official class from ``folder``/model.py, configured as ``model`` and loaded with its weights.
+    """The official class from its file in ``folder``, configured as ``model`` and loaded with its weights.
 
     Returns (official model, forward returning logits, neuron reset, "loaded/official keys")."""
     import importlib.util
@@ -331,12 +332,13 @@ def build_official(torch, model, folder, T, height, width):
     class_name = type(model).__name__
     sys.path.insert(0, str(folder))  # the official files import their siblings (SDT: `from module import *`)
     install_clock_driven_names()
-    spec = importlib.util.spec_from_file_location(f"official_{family}_model", folder / OFFICIAL_FILE)
+    path = folder / OFFICIAL_FILES[family]
+    spec = importlib.util.spec_from_file_location(f"official_{family}_model", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     cls = getattr(module, class_name, None)
     if cls is None:
-        raise UserError(f"--official {family}: {folder / OFFICIAL_FILE} defines no class {class_name}")
+        raise UserError(f"--official {family}: {path} defines no class {class_name}")
     official = cls(**official_kwargs(model, T, height, width)).train()
     ours, theirs = model.state_dict(), official.state_dict()
     matching = {k: v for k, v in ours.items() if k in theirs and theirs[k].shape == v.shape}
@@ -695,8 +697,9 @@ def main(argv=None):
                         help="CPU speed variants timed interleaved in one process per model, e.g. "
                              "plain,onednn_linear,bn_rows,channels_last,default,bf16,compile (first = baseline)")
     parser.add_argument("--official", metavar="FAMILY=DIR,...",
-                        help="also time the official model, e.g. spikformer=DIR,sdt=DIR: DIR holds the official "
-                             "model.py (SDT: the repository root, with module/); with --options or plain alone")
+                        help="also time the official model, e.g. spikformer=DIR,sdt=DIR: DIR holds the official model "
+                             "file (Spikformer: cifar10/model.py's folder; SDT: the repository root, with "
+                             "model/spikeformer.py and module/); with --options or plain alone")
     parser.add_argument("--json", metavar="FILE", help="also write the records as a JSON list")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)  # internal: one config
     args = parser.parse_args(argv)
