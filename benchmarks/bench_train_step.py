@@ -335,6 +335,7 @@ def build_official(torch, model, folder, T, height, width):
     path = folder / OFFICIAL_FILES[family]
     spec = importlib.util.spec_from_file_location(f"official_{family}_model", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # timm's @register_model in the official file looks its module up there
     spec.loader.exec_module(module)
     cls = getattr(module, class_name, None)
     if cls is None:

@@ -20,6 +20,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_step.
 FAKE_OFFICIAL = '''
 import timm
 import torch
+from timm.models import register_model
 from torch import nn
 
 import spikeformers  # noqa: F401
@@ -52,6 +53,11 @@ class Spikformer(nn.Module):
 
     def forward(self, x):
         return self.inner(x), None
+
+
+@register_model  # as the official files do: timm looks the defining module up in sys.modules
+def spikformer_official_stand_in(pretrained=False, **kwargs):
+    return Spikformer(**kwargs)
 '''
 
 
