@@ -134,10 +134,13 @@ CASES = [
 def test_options_keep_logits_and_gradients(name, options):
     # Small enough that no membrane lies within fp32 rounding of the threshold (no spike flips):
     # the options may only reorder fp32 sums, so logits and gradients agree to that rounding.
-    torch.manual_seed(0)
+    # Seed 2: with seeds 0, 1 and 5 one membrane of the default-options case sits within rounding
+    # of the threshold at 1 thread (a spike flips, as it would between thread counts); seed 2 has
+    # none at 1 or 2 threads.
+    torch.manual_seed(2)
     plain = timm.create_model(name, backend="torch", in_chans=1, num_classes=10).train()
     fast = speed.apply_cpu_speed(copy.deepcopy(plain), options)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(2)
     x, y = torch.randn(4, 1, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
     ref_logits, ref_grads = _logits_and_grads(plain, x, y)
     logits, grads = _logits_and_grads(fast, x, y)
