@@ -8,6 +8,7 @@ computed over T*B*(tokens or pixels), exactly as the official code does.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 
 import torch
@@ -180,3 +181,18 @@ def __getattr__(name: str):
 
         return SpikingClassifier
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def keep_own_distillation_head(state: dict, model: nn.Module) -> dict:
+    """A checkpoint without a fitting ``head_kd`` (a stage-1 checkpoint, or another class count) for
+    a model with a distillation head: keep the model's freshly initialised ``head_kd.*``, as the
+    official SDT v2/v3 fine-tunes do by loading with ``strict=False``, and log which keys were kept."""
+    if not getattr(model, "kd", False) or "head.weight" not in state:
+        return state
+    own = model.state_dict()
+    keep = [k for k, v in own.items() if k.startswith("head_kd.") and (k not in state or state[k].shape != v.shape)]
+    if not keep:
+        return state
+    logging.getLogger(type(model).__module__).warning(
+        "checkpoint has no fitting distillation head: keeping the model's initial %s", ", ".join(keep))
+    return dict(state, **{k: own[k] for k in keep})

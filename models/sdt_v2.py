@@ -27,7 +27,6 @@ and its outer BN into one 3×3 conv with bias for inference (not in the official
 
 from __future__ import annotations
 
-import logging
 from functools import partial
 
 import torch
@@ -44,8 +43,6 @@ __all__ = [
     "SpikeDrivenTransformerV2", "BNAndPadLayer", "RepConv", "SepConv", "MSConvBlock", "MSAttention",
     "MSMlp", "MSBlock", "MSDownSampling",
 ]
-
-_logger = logging.getLogger(__name__)
 
 
 # --- RepConv ------------------------------------------------------------------------------------
@@ -443,13 +440,7 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module | None = None) -> di
     strict=False)`` does the same and reports ``head_kd.*`` as missing.
     """
     state = layers.checkpoint_filter_fn(state_dict, model)
-    if model is not None and getattr(model, "kd", False) and "head.weight" in state:
-        own = model.state_dict()
-        keep = [k for k, v in own.items() if k.startswith("head_kd.") and (k not in state or state[k].shape != v.shape)]
-        if keep:
-            _logger.warning("checkpoint has no fitting distillation head: keeping the model's initial %s", ", ".join(keep))
-            state = dict(state, **{k: own[k] for k in keep})
-    return state
+    return state if model is None else layers.keep_own_distillation_head(state, model)
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> SpikeDrivenTransformerV2:

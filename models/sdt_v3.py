@@ -752,13 +752,7 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module | None = None) -> di
         return state
     if isinstance(model, SpikeDrivenTransformerV3Large):
         _fit_rep_conv(state, model)
-    if getattr(model, "kd", False) and "head.weight" in state:
-        own = model.state_dict()
-        keep = [k for k, v in own.items() if k.startswith("head_kd.") and (k not in state or state[k].shape != v.shape)]
-        if keep:
-            _logger.warning("checkpoint has no fitting distillation head: keeping the model's initial %s", ", ".join(keep))
-            state = dict(state, **{k: own[k] for k in keep})
-    return state
+    return layers.keep_own_distillation_head(state, model)
 
 
 def _fit_rep_conv(state: dict, model: SpikeDrivenTransformerV3Large) -> None:
