@@ -5,7 +5,8 @@ E_chip = Effective_ACs · E_sop + Σ_neuron-layers T·n · E_nu, every neuron up
 convention of KerasSpiking's ``model_energy``). What such a chip cannot run is listed as
 ``unmapped`` and left out of the energy: real-valued MACs on chips without graded inputs (the
 first layer), spike × spike attention products (their "weights" change with the input, static
-synapses cannot hold them).
+synapses cannot hold them), and BatchNorms that do not fold into a layer (a per-element multiply-add
+on spikes or after a nonlinearity: ``bn_unfolded``; listed, not blocking, since the host can run it).
 
 Each value carries its source and a status: ``verified`` (read in the primary source),
 ``secondary`` (read in a source that cites it), ``unverified`` (widely quoted, not found in a
@@ -18,7 +19,7 @@ import json
 import math
 from pathlib import Path
 
-from spikeformers.train.neurobench import AttentionCounts, ConnectionCounts, Counts, NeuronCounts
+from spikeformers.train.neurobench import AttentionCounts, ConnectionCounts, Counts, NeuronCounts, NormCounts
 
 __all__ = ["CHIPS", "load_chips", "hardware_report"]
 
@@ -114,6 +115,7 @@ def hardware_report(counts: Counts, nb: dict, chips: dict[str, dict] | None = No
     conns = [r for r in counts.rows if isinstance(r, ConnectionCounts)]
     neurons = [r for r in counts.rows if isinstance(r, NeuronCounts) and r.spiking]
     has_attention = any(isinstance(r, AttentionCounts) for r in counts.rows)
+    has_unfolded_bn = any(isinstance(r, NormCounts) and not r.folded for r in counts.rows)
     acs = nb["SynapticOperations"]["Effective_ACs"]
     macs = nb["SynapticOperations"]["Effective_MACs"]
     neuron_steps = sum(r.n * r.steps for r in neurons)
@@ -128,6 +130,8 @@ def hardware_report(counts: Counts, nb: dict, chips: dict[str, dict] | None = No
             unmapped.append("first_layer_macs")
         if has_attention:
             unmapped.append("attention_products")
+        if has_unfolded_bn:
+            unmapped.append("bn_unfolded")
         e_sop, e_nu = chip.get("e_sop_pJ"), chip.get("e_neuron_pJ")
         energy = None if e_sop is None else acs * e_sop + (neuron_steps * e_nu if e_nu is not None else 0.0)
         sharing = bool(chip.get("weight_sharing"))

@@ -29,7 +29,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-from spikeformers.train.neurobench import AttentionCounts, ConnectionCounts, Counts, NeuronCounts
+from spikeformers.train.neurobench import (AttentionCounts, ConnectionCounts, Counts, NeuronCounts, NormCounts, PoolCounts,
+                                           ResidualCounts)
 
 __all__ = ["Profile", "AnnCost", "PROFILES", "profile", "price", "curve64", "solve_break_even", "bisect_break_even",
            "legacy45", "TERMS", "NOT_MODELLED"]
@@ -55,8 +56,10 @@ CURVE64 = ((0.0, 0.0), (8192.0, 10.0), (32768.0, 20.0), (1048576.0, 100.0))
 DRAM_PJ_PER_64B = 1300.0
 
 NOT_MODELLED = ["static/leakage power", "clocking and control", "off-chip I/O (except weights_in=dram)",
-                "network-on-chip hops", "softmax, LayerNorm and scaling", "residual adds and pooling (no rows yet)",
-                "unfolded BatchNorm", "threshold compares (Lemaire 2022 does not charge them)",
+                "network-on-chip hops", "softmax, LayerNorm and scaling (layer scales, the attention scale)",
+                "pooling-window borders (every window counted whole)",
+                "adds and means inside neurons and other leaf modules (their own arithmetic)",
+                "threshold compares (Lemaire 2022 does not charge them)",
                 "power-of-two leak as a shift (the leak is priced as one MAC)", "data loading", "training"]
 
 
@@ -102,6 +105,8 @@ class Profile:
     first_layer: str = "auto"   # auto | executed | once_cached
     weights_in: str = "per_layer_sram"  # | dram
     integer_inputs: str = "sum"  # sum | graded
+    bn: str = "folded"          # folded (a BN reading a conv's output is its bias) | unfolded (every BN per element)
+    e_add_v: float | None = None  # adds outside synapses at b_v (residual adds, pooling, BN shift); None: e_ac
     ann: tuple = ()             # ((name, AnnCost), ...)
     status: str = ""
 
@@ -112,6 +117,11 @@ class Profile:
         if self.memory == "flat":
             return self.mem_flat_pj_per_bit
         return curve64(capacity_bytes) / (32.0 if self.memory == "lemaire" else 64.0)
+
+    @property
+    def add_v(self) -> float:
+        """One add at the membrane width outside a synapse (residual, pooling, BN shift)."""
+        return self.e_ac if self.e_add_v is None else self.e_add_v
 
     def m_weights(self, capacity_bytes: float) -> float:
         if self.weights_in == "dram" and self.memory != "none":
@@ -125,7 +135,9 @@ class Profile:
         out["mem_curve_pJ_per_64b"] = [list(p) for p in CURVE64]
         out["bits"] = {"w": self.bits_w, "v": self.bits_v, "e": self.bits_e, "x": self.bits_x}
         out["options"] = {"dataflow": self.dataflow, "execution": self.execution, "first_layer": self.first_layer,
-                          "weights_in": self.weights_in, "integer_inputs": self.integer_inputs, "counts": self.counts}
+                          "weights_in": self.weights_in, "integer_inputs": self.integer_inputs, "counts": self.counts,
+                          "bn": self.bn}
+        out["e_add_v"] = self.add_v
         out["ann_baselines"] = {n: asdict(c) for n, c in self.ann}
         out["sources"] = dict(SOURCES)
         return out
@@ -155,7 +167,7 @@ PROFILES = {
 
 CHOICES = {"memory": ("curve64", "lemaire", "flat", "none"), "counts": ("exact", "lemaire"), "dataflow": ("naive", "reuse"),
            "execution": ("event", "dense"), "first_layer": ("auto", "executed", "once_cached"),
-           "weights_in": ("per_layer_sram", "dram"), "integer_inputs": ("sum", "graded")}
+           "weights_in": ("per_layer_sram", "dram"), "integer_inputs": ("sum", "graded"), "bn": ("folded", "unfolded")}
 
 
 def profile(name: str, **options) -> Profile:
@@ -172,6 +184,8 @@ def profile(name: str, **options) -> Profile:
             raise UserError(f"unknown energy model parameter {key!r}", hint=f"one of: {', '.join(sorted(fields))}")
         if key in CHOICES and value not in CHOICES[key]:
             raise UserError(f"{key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+        if key == "e_add_v" and value is None:  # None: the synaptic add's cost
+            continue
         if key not in CHOICES and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
             raise UserError(f"{key} must be a non-negative number, got {value!r}")
     return replace(PROFILES[name], **options)
@@ -222,7 +236,7 @@ class Priced:
 def _connection(row: ConnectionCounts, p: Profile, per, first_real: bool) -> Priced:
     T, n_in, n_out = row.steps, row.n_in, row.n_out
     k = math.prod(row.kernel)
-    n_bias = row.c_out if row.bias else 0
+    n_bias = row.c_out if (row.bias if p.bn == "folded" else row.own_bias) else 0
     c_w = (row.params + n_bias) * p.bits_w / 8
     mw = p.m_weights(c_w)
     d1 = per(row.dense) / T
@@ -278,20 +292,114 @@ def _connection(row: ConnectionCounts, p: Profile, per, first_real: bool) -> Pri
 
 
 def _ann_connection(row: ConnectionCounts, a: AnnCost, p: Profile, per, reuse: bool) -> float:
-    k = math.prod(row.kernel)
-    n_bias = row.c_out if row.bias else 0
-    c_w = (row.params + n_bias) * a.bits_w / 8
-    mw = p.m_weights(c_w)
-    d1 = per(row.dense) / row.steps
-    pointwise = row.kind == "linear" or k == 1
-    c_x, c_o = row.n_in * a.bits_a / 8, row.n_out * a.bits_a / 8
+    return _ann_layer(per(row.dense) / row.steps, row.params, row.n_in, row.n_out, row.c_out, math.prod(row.kernel),
+                      row.kind == "conv", row.bias, a, p, reuse)
+
+
+def _ann_layer(d1: float, weights: int, n_in: int, n_out: int, c_out: int, k: int, conv: bool, bias: bool, a: AnnCost,
+               p: Profile, reuse: bool) -> float:
+    """One ANN conv / linear pass: D₁ MACs, weight reads per MAC (naive) or once (reuse), input
+    reads (per MAC for a k>1 conv in naive, as Lemaire 2022), output writes, dense addressing, bias."""
+    n_bias = c_out if bias else 0
+    mw = p.m_weights((weights + n_bias) * a.bits_w / 8)
+    pointwise = not conv or k == 1
+    c_x, c_o = n_in * a.bits_a / 8, n_out * a.bits_a / 8
     e = d1 * a.e_mac
-    e += (row.params if reuse else d1) * a.bits_w * mw
-    e += (row.n_in if (pointwise or reuse) else d1) * a.bits_a * p.m(c_x) + row.n_out * a.bits_a * p.m(c_o)
-    e += (row.n_in + row.n_out + (row.c_out * k if row.kind == "conv" else 0)) * p.e_addr_add
+    e += (weights if reuse else d1) * a.bits_w * mw
+    e += (n_in if (pointwise or reuse) else d1) * a.bits_a * p.m(c_x) + n_out * a.bits_a * p.m(c_o)
+    e += (n_in + n_out + (c_out * k if conv else 0)) * p.e_addr_add
     if n_bias:
-        e += row.n_out * (a.e_add_acc + a.bits_w * mw)
+        e += n_out * (a.e_add_acc + a.bits_w * mw)
     return e
+
+
+def _ann_merged(chain: dict, a: AnnCost, p: Profile, reuse: bool) -> float:
+    """The ANN counterpart of a linear conv chain is the one k×k conv (with bias) it
+    re-parameterises into, run once on the chain's input (SDT v2's RepConv / SepConv)."""
+    k = chain["kernel"] ** 2
+    return _ann_layer(chain["dense"], chain["weights"], chain["n_in"], chain["n_out"], chain["c_out"], k, True, True, a, p, reuse)
+
+
+# --- rows outside the synapses: residual adds, pooling, unfolded BatchNorm ---------------------
+
+
+def _residual(row: ResidualCounts, p: Profile, per) -> Priced:
+    """Spike + spike (a spike-count stream): one add per non-zero operand entry, the SpikingJelly
+    ACCounter rule for two binary tensors, each entry read as an event, the sum written once per
+    element and step at b_v. Real + real (a membrane shortcut): T·n adds, two reads and one write
+    of b_v words per element and step. Mixed operands count as real."""
+    T, n = row.steps, row.n
+    z = per(row.z_a) + per(row.z_b)
+    c_v, c_e = n * p.bits_v / 8, p.fifo_entries * p.bits_e / 8
+    out = Priced(row.name, "residual", row.input_type, T, None, {"Z": None, "S_eff": None, "S_fan": None, "D": None,
+                                                                  "N_spk": None, "adds": None, "n": n})
+    if row.input_type == "spikes":
+        out.rate = z / (2 * T * n) if n else 0.0
+        out.counts["adds"] = z
+        out.const["membrane"] = T * n * p.bits_v * p.m(c_v)
+        for target, zz in ((out.lin, z), (out.lin1, 2 * T * n)):
+            target["compute"] = zz * p.add_v
+            target["io"] = zz * p.bits_e * p.m(c_e)
+        return out
+    out.counts["adds"] = T * n
+    out.const["compute"] = T * n * p.add_v
+    out.const["membrane"] = 3 * T * n * p.bits_v * p.m(c_v)
+    return out
+
+
+def _ann_residual(row: ResidualCounts, a: AnnCost, p: Profile) -> float:
+    """n adds at the accumulator width, two activation reads and one write."""
+    return row.n * a.e_add_acc + 3 * row.n * a.bits_a * p.m(row.n * a.bits_a / 8)
+
+
+def _pool(row: PoolCounts, p: Profile, per) -> Priced:
+    """Average pooling (and a mean over tokens) on spikes: one add per input event (the 1/k scale
+    folds into the next weights), the averaged value written at b_v. On reals: k−1 adds per
+    output. Max pooling on spikes is an OR (no arithmetic, an output event per output spike); on
+    reals k−1 compares per output, priced as adds. Inputs are read once (events, or b_v words)."""
+    T, n_in, n_out, w = row.steps, row.n_in, row.n_out, row.window
+    z, z_out = per(row.z), per(row.z_out)
+    c_e = p.fifo_entries * p.bits_e / 8
+    c_in, c_out = n_in * p.bits_v / 8, n_out * p.bits_v / 8
+    out = Priced(row.name, "pool", row.input_type, T, None, {"Z": None, "S_eff": None, "S_fan": None, "D": None,
+                                                              "N_spk": None, "op": row.op, "window": w})
+    if row.input_type == "spikes":
+        out.rate = z / (T * n_in) if n_in else 0.0
+        out.counts["Z"] = z
+        for target, zz, zo in ((out.lin, z, z_out), (out.lin1, T * n_in, T * n_out)):
+            target["io"] = zz * p.bits_e * p.m(c_e)
+            if row.op == "max":
+                target["io"] += zo * p.bits_e * p.m(c_e)
+            else:
+                target["compute"] = zz * p.add_v
+        if row.op != "max":
+            out.const["membrane"] = T * n_out * p.bits_v * p.m(c_out)
+        return out
+    out.const["compute"] = T * n_out * (w - 1) * p.add_v
+    out.const["membrane"] = T * (n_in * p.bits_v * p.m(c_in) + n_out * p.bits_v * p.m(c_out))
+    return out
+
+
+def _ann_pool(row: PoolCounts, a: AnnCost, p: Profile) -> float:
+    """One pass on reals: k−1 adds (or compares) per output at the accumulator width, input reads
+    and output writes."""
+    n_in, n_out = row.n_in, row.n_out
+    return (n_out * (row.window - 1) * a.e_add_acc + n_in * a.bits_a * p.m(n_in * a.bits_a / 8)
+            + n_out * a.bits_a * p.m(n_out * a.bits_a / 8))
+
+
+def _norm(row: NormCounts, p: Profile, per) -> Priced:
+    """An unfolded BN: a multiply and an add per element and step at b_v, and its scale and shift
+    read per element from a memory of 2·C weights. A folded BN is the bias of its layer (priced
+    there), so it costs nothing here unless the profile prices every BN unfolded."""
+    T, n, C = row.steps, row.n, row.channels
+    out = Priced(row.name, "bn", row.input_type, T, None, {"Z": None, "S_eff": None, "S_fan": None, "D": None, "N_spk": None,
+                                                            "folded": row.folded and p.bn == "folded", "n": n})
+    if row.folded and p.bn == "folded":
+        return out
+    out.const["compute"] = T * n * (p.e_mul_v + p.add_v)
+    out.const["weights"] = 2 * T * n * p.bits_w * p.m_weights(2 * C * p.bits_w / 8)
+    return out
 
 
 def _neuron(row: NeuronCounts, p: Profile, per) -> Priced:
@@ -396,18 +504,40 @@ def price(counts: Counts, p: Profile) -> dict:
     per = counts.per_sample
     baselines = dict(p.ann)
     baselines["qnn_equiv"] = qnn_equiv(counts.T)
+    # a merged conv chain's ANN counterpart goes to the first of its layers that ran, 0 to the others
+    chain_of = {member: at for at, chain in counts.merged.items() for member in chain["members"]}
+    priced_chains: set[str] = set()
     rows, first_seen = [], False
     for r in counts.rows:
         if isinstance(r, ConnectionCounts):
             real = r.input_type == "real"
             pr = _connection(r, p, per, real and not first_seen)
             first_seen = first_seen or real
+            chain = chain_of.get(r.name)
             for name, a in baselines.items():
-                pr.ann[f"{name}_naive"] = _ann_connection(r, a, p, per, reuse=False)
-                pr.ann[f"{name}_reuse"] = _ann_connection(r, a, p, per, reuse=True)
+                for flow in ("naive", "reuse"):
+                    if chain is None:
+                        pr.ann[f"{name}_{flow}"] = _ann_connection(r, a, p, per, reuse=flow == "reuse")
+                    else:
+                        pr.ann[f"{name}_{flow}"] = (0.0 if chain in priced_chains else
+                                                    _ann_merged(counts.merged[chain], a, p, reuse=flow == "reuse"))
+            if chain is not None:
+                pr.counts["merged_into"] = chain
+                priced_chains.add(chain)
         elif isinstance(r, NeuronCounts):
             pr = _neuron(r, p, per)
             pr.ann = {f"{n}_{f}": 0.0 for n in baselines for f in ("naive", "reuse")}
+        elif isinstance(r, ResidualCounts):
+            pr = _residual(r, p, per)
+            pr.ann = {f"{n}_{f}": _ann_residual(r, a, p) for n, a in baselines.items() for f in ("naive", "reuse")}
+        elif isinstance(r, PoolCounts):
+            pr = _pool(r, p, per)
+            pr.ann = {f"{n}_{f}": _ann_pool(r, a, p) for n, a in baselines.items() for f in ("naive", "reuse")}
+        elif isinstance(r, NormCounts):
+            if r.folded and p.bn == "folded":  # the bias of its layer: no row of its own
+                continue
+            pr = _norm(r, p, per)
+            pr.ann = {f"{n}_{f}": 0.0 for n in baselines for f in ("naive", "reuse")}  # the ANN folds every BN
         else:
             pr = _attention(r, p, per)
             ann = {n: _ann_attention(r, a, p) for n, a in baselines.items()}
@@ -419,7 +549,7 @@ def price(counts: Counts, p: Profile) -> dict:
     L1, Q1 = sum(sum(r.lin1.values()) for r in rows), sum(sum(r.quad1.values()) for r in rows)
     Lm, Qm = sum(sum(r.lin.values()) for r in rows), sum(sum(r.quad.values()) for r in rows)
     ann = {key: sum(r.ann.get(key, 0.0) for r in rows) for key in rows[0].ann} if rows else {}
-    rates = [r.rate for r in rows if r.rate and r.role in ("synaptic", "neuron", "attention")]
+    rates = [r.rate for r in rows if r.rate and r.role in ("synaptic", "neuron", "attention", "residual", "pool")]
     s_max = 1.0 / max(rates) if rates else math.inf
     break_even = {}
     for key, e_ann in ann.items():

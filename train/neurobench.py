@@ -33,23 +33,47 @@ declares ``neuron_model`` (``"if"``: integrate-and-fire with soft reset by its `
 kept in ``module.v``); attention modules declare ``attention_product`` (see
 docs/architecture.md). Layer input types (binary / integer / amplitude / real) are read from the
 values each layer actually receives.
+
+Beyond NeuroBench (which counts none of them), the pass also records what the memory-aware model
+prices as rows of their own, again without naming a model family:
+
+- residual adds: a ``+`` between two same-shaped feature tensors (3-D or more, no parameter)
+  that a block executes in its own ``forward``, seen by a ``TorchFunctionMode`` while the pass runs
+  (adds inside leaf modules, neurons, and helpers that hold no connection layer are their own
+  business); spike + spike or real + real is read from the operands' values;
+- pooling: ``nn.AvgPool*``/``nn.MaxPool*``/``nn.AdaptiveAvgPool*``/``nn.AdaptiveMaxPool*`` by type,
+  and a ``mean`` over feature dimensions (not over time or batch) executed in a forward, which is
+  how the heads average tokens;
+- BatchNorm: a BN folds into the connection layer whose output it reads directly (a view of the
+  same storage), or into a BN that does; any other BN (on spikes, after a nonlinearity) is
+  *unfolded*, a per-element multiply-add at inference. Followed through the actual data flow,
+  not module order;
+- merged conv chains: a module's ``merged_conv()`` view (SDT v2's RepConv and SepConv) gives the
+  one k×k conv its ANN counterpart is priced as.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["ConnectionCounts", "NeuronCounts", "AttentionCounts", "Counts", "collect", "static_metrics",
-           "neurobench_metrics", "NEUROBENCH_VERSION"]
+__all__ = ["ConnectionCounts", "NeuronCounts", "AttentionCounts", "ResidualCounts", "PoolCounts", "NormCounts",
+           "Counts", "collect", "static_metrics", "neurobench_metrics", "NEUROBENCH_VERSION"]
 
 NEUROBENCH_VERSION = "neurobench 2.3.0"
 CONNECTIONS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+POOLS = (nn.modules.pooling._AvgPoolNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+         nn.modules.pooling._AdaptiveMaxPoolNd)
+_ADDS = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__radd__,
+         torch.Tensor.__iadd__}
+_MEANS = {torch.mean, torch.Tensor.mean}
 #: NeuroBench 2.3's cost in ops of one update of a neuron type ("Leaky": subtract and zero reset).
 NEURON_OPS = {"lif": 4}
 
@@ -93,7 +117,8 @@ class ConnectionCounts:
     c_in: int
     c_out: int
     params: int                # weight numel
-    bias: bool                 # a bias after BN folding (own bias, or a BatchNorm right after)
+    bias: bool                 # a bias after BN folding (own bias, or a BatchNorm that reads its output)
+    own_bias: bool = False     # the layer's own bias (what is left when BNs are priced unfolded)
     n_in: int = 0
     n_out: int = 0
     steps: int = 1
@@ -161,12 +186,85 @@ class AttentionCounts:
 
 
 @dataclass
+class ResidualCounts:
+    """One residual add ``a + b`` a block executes, summed over calls: ``n`` elements per sample and
+    step, ``z_a``/``z_b`` the non-zero entries of the operands, ``types`` their value types."""
+
+    name: str
+    n: int = 0
+    steps: int = 1
+    samples: int = 0
+    types: set = field(default_factory=set)
+    z_a: float = 0.0
+    z_b: float = 0.0
+    batch: int = -1
+    steps_in_batch: int = 0
+
+    @property
+    def input_type(self) -> str:
+        """"real" if either operand is real (a membrane shortcut), else "spikes" (spike or integer
+        spike-count tensors, added event by event)."""
+        return "real" if "real" in self.types else "spikes"
+
+
+@dataclass
+class PoolCounts:
+    """One pooling: ``op`` avg / max / mean (a token or spatial average in a forward, e.g. a
+    classifier head's), ``window`` inputs per output, ``z``/``z_out`` non-zero inputs/outputs."""
+
+    name: str
+    op: str
+    window: int = 1
+    n_in: int = 0
+    n_out: int = 0
+    steps: int = 1
+    samples: int = 0
+    types: set = field(default_factory=set)
+    z: float = 0.0
+    z_out: float = 0.0
+    batch: int = -1
+    steps_in_batch: int = 0
+
+    @property
+    def input_type(self) -> str:
+        return "real" if "real" in self.types else "spikes"
+
+
+@dataclass
+class NormCounts:
+    """One BatchNorm: ``folded`` into connection layer ``into`` (its output read directly), else
+    unfolded (applied to spikes or after a nonlinearity): a multiply-add per element at inference."""
+
+    name: str
+    channels: int
+    folded: bool
+    into: str | None = None
+    n: int = 0
+    steps: int = 1
+    samples: int = 0
+    types: set = field(default_factory=set)
+    batch: int = -1
+    steps_in_batch: int = 0
+
+    @property
+    def input_type(self) -> str:
+        for kind in ("real", "integer", "amplitude"):
+            if kind in self.types:
+                return kind
+        return "binary"
+
+
+@dataclass
 class Counts:
     """Everything one pass over the data recorded, in execution order."""
 
-    rows: list = field(default_factory=list)   # ConnectionCounts / NeuronCounts / AttentionCounts
+    rows: list = field(default_factory=list)   # Connection / Neuron / Attention / Residual / Pool / NormCounts
     samples: int = 0
     T: int = 1
+    #: {module: {kernel, c_in, c_out, n_in, n_out, dense, weights, members}}: linear conv chains that
+    #: re-parameterise into one k×k conv (``merged_conv()``), per sample and pass; ``members`` are
+    #: the connection layers executed in its place
+    merged: dict = field(default_factory=dict)
 
     def per_sample(self, value: float) -> float:
         return value / max(self.samples, 1)
@@ -230,21 +328,31 @@ class _Collector:
         self.spikes: dict[str, torch.Tensor] = {}
         self.dense_cache: dict[tuple, tuple[float, float]] = {}
         self.hooks = [model.register_forward_pre_hook(self._model_input)]
-        leaves = [(n, m) for n, m in model.named_modules() if not any(m.children())]
-        follows_bn = {leaves[i][0] for i in range(len(leaves) - 1)
-                      if isinstance(leaves[i + 1][1], nn.modules.batchnorm._BatchNorm)}
+        # data flow: storage of the outputs of connection layers and of the BNs folded into them
+        self.produced: dict[int, tuple[weakref.ref, str]] = {}
+        # storage of tensors known to be real-valued streams (outputs of connection layers, BNs, real
+        # adds and pools): a constant BN output reads as spikes by its values alone, its origin says real
+        self.reals: dict[int, weakref.ref] = {}
+        self.merged: dict[str, dict] = {}
+        self._track_modules(model)
+        for at, (shape, members) in _merged_chains(model).items():
+            self.hooks.append(model.get_submodule(at).register_forward_hook(self._quiet(self._merged(at, shape, members))))
         for name, m in model.named_modules():
             if isinstance(m, CONNECTIONS):
-                self.hooks.append(m.register_forward_hook(self._connection(name, name in follows_bn)))
+                self.hooks.append(m.register_forward_hook(self._quiet(self._connection(name))))
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                self.hooks.append(m.register_forward_hook(self._quiet(self._norm(name))))
+            elif isinstance(m, POOLS):
+                self.hooks.append(m.register_forward_hook(self._quiet(self._pool(name))))
             elif _neuron_model(m):
-                self.hooks.append(m.register_forward_pre_hook(self._keep_input))
-                self.hooks.append(m.register_forward_hook(self._neuron(name, _neuron_model(m))))
+                self.hooks.append(m.register_forward_pre_hook(self._quiet(self._keep_input)))
+                self.hooks.append(m.register_forward_hook(self._quiet(self._neuron(name, _neuron_model(m)))))
             elif getattr(m, "attention_product", None):
                 kind = m.attention_product
                 parts = ("q_lif", "k_lif", "attn_lif") if kind == "qk_token" else ("q_lif", "k_lif", "v_lif")
                 for part in parts:
-                    self.hooks.append(getattr(m, part).register_forward_hook(self._keep_spikes(f"{name}.{part}")))
-                self.hooks.append(m.register_forward_hook(self._attention(name, kind)))
+                    self.hooks.append(getattr(m, part).register_forward_hook(self._quiet(self._keep_spikes(f"{name}.{part}"))))
+                self.hooks.append(m.register_forward_hook(self._quiet(self._attention(name, kind))))
 
     # time layout of this batch
     def _model_input(self, model, args):
@@ -254,6 +362,176 @@ class _Collector:
         self.batch += 1
         self.T = x.shape[0] if sequence else T
         self.B = x.shape[1] if sequence else x.shape[0]
+        self.produced.clear()
+        self.reals.clear()
+
+    def _quiet(self, hook):
+        """``hook`` with the operation watcher off: the counting arithmetic is not the model's."""
+        def quiet(*args):
+            self.internal += 1
+            try:
+                return hook(*args)
+            finally:
+                self.internal -= 1
+        return quiet
+
+    # --- where an operation runs: the module stack ---
+
+    def _track_modules(self, model: nn.Module) -> None:
+        """Pre/post hooks on every module keep the stack of running modules, so that the operation
+        watcher knows which forward executes an add or a mean. Ops are watched only in modules
+        that hold a connection layer (blocks, stages, the model), never inside a leaf module, a
+        neuron, or a helper without connections (a neuron's or an accumulator's own arithmetic)."""
+        self.stack: list[tuple[str, nn.Module]] = []
+        self.opaque = self.internal = 0
+        self.op_index: dict[str, int] = {}
+        self.opaque_ids, self.block_ids = set(), set()
+        for name, m in model.named_modules():
+            if not any(m.children()) or _neuron_model(m):
+                self.opaque_ids.add(id(m))
+            if any(isinstance(c, CONNECTIONS) for c in m.modules()):
+                self.block_ids.add(id(m))
+            self.hooks.append(m.register_forward_pre_hook(self._enter(name)))
+            self.hooks.append(m.register_forward_hook(self._leave))
+
+    def _enter(self, name: str):
+        def hook(module, args):
+            self.stack.append((name, module))
+            self.op_index[name] = 0  # the n-th add / mean of one call of this module
+            if id(module) in self.opaque_ids:
+                self.opaque += 1
+        return hook
+
+    def _leave(self, module, args, out):
+        if self.stack and self.stack[-1][1] is module:
+            self.stack.pop()
+            if id(module) in self.opaque_ids:
+                self.opaque -= 1
+
+    def _op_site(self) -> str | None:
+        """The name of the block whose own forward is executing, or None when ops are not watched."""
+        if self.opaque or self.internal or not self.stack or id(self.stack[-1][1]) not in self.block_ids:
+            return None
+        return self.stack[-1][0]
+
+    def _op_name(self, site: str, op: str) -> str:
+        i = self.op_index.get(site, 0)
+        self.op_index[site] = i + 1
+        return f"{site}.{op}{i}" if site else f"{op}{i}"
+
+    def mark_real(self, t: torch.Tensor) -> None:
+        self.reals[t.untyped_storage().data_ptr()] = weakref.ref(t)
+
+    def _type_of(self, t: torch.Tensor) -> str:
+        """The value type of ``t``, "real" whatever its values if it comes from a layer or a real op."""
+        ref = self.reals.get(t.untyped_storage().data_ptr())
+        return "real" if ref is not None and ref() is not None else _value_type(t)
+
+    def residual_add(self, a: torch.Tensor, b: torch.Tensor, out_shape) -> bool | None:
+        """Record ``a + b`` (called by the watcher before the add runs: an in-place add changes a);
+        returns whether the sum is a real stream (None: not a residual add)."""
+        site = self._op_site()
+        if site is None or len(out_shape) < 3 or a.shape != out_shape or b.shape != out_shape:
+            return None
+        if isinstance(a, nn.Parameter) or isinstance(b, nn.Parameter):  # a position embedding, not a shortcut
+            return None
+        a, b = a.detach(), b.detach()
+        name = self._op_name(site, "add")
+        row = self._row(name, lambda: ResidualCounts(name))
+        view, steps = _layout(a, self.T, self.B)
+        row.n, row.steps = view.shape[-1], _steps(row, self.batch, steps)
+        types = (self._type_of(a), self._type_of(b))
+        row.types.update(types)
+        row.z_a += float((a != 0).sum())
+        row.z_b += float((b != 0).sum())
+        row.samples += self.B
+        return "real" in types
+
+    def mean(self, x: torch.Tensor, dims, out: torch.Tensor) -> None:
+        """Record a mean over feature dimensions (a global average); means over time or batch
+        (the readout's average of the logits over T) are not pooling."""
+        site = self._op_site()
+        if site is None or dims is None or x.dim() < 3:
+            return
+        lead = 2 if (x.shape[0] == self.T and x.shape[1] == self.B) else (1 if x.shape[0] in (self.T * self.B, self.B) else None)
+        dims = [d % x.dim() for d in ((dims,) if isinstance(dims, int) else dims)]
+        if lead is None or not dims or min(dims) < lead:
+            return
+        name = self._op_name(site, "mean")
+        row = self._row(name, lambda: PoolCounts(name, "mean"))
+        view, steps = _layout(x, self.T, self.B)
+        out_view, _ = _layout(out, self.T, self.B)
+        if self._pooled(row, x, view, out_view, steps):
+            self.mark_real(out)
+
+    def _pooled(self, row, x, view, out_view, steps) -> None:
+        row.n_in, row.n_out, row.steps = view.shape[-1], out_view.shape[-1], _steps(row, self.batch, steps)
+        row.window = max(row.n_in // max(row.n_out, 1), 1) if row.op == "mean" else row.window
+        kind = self._type_of(x)
+        row.types.add(kind)
+        row.z += float((x != 0).sum())
+        row.z_out += float((out_view != 0).sum())
+        row.samples += self.B
+        return kind == "real" or row.op != "max"  # an average is real-valued
+
+    def _pool(self, name: str):
+        def hook(module, args, out):
+            x = args[0].detach()
+            adaptive = isinstance(module, (nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd))
+            op = "max" if isinstance(module, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)) else "avg"
+            row = self._row(name, lambda: PoolCounts(name, op))
+            if not adaptive:  # window volume: kernel_size is an int (every spatial dim) or a tuple
+                k = module.kernel_size
+                dims = {"1d": 1, "2d": 2, "3d": 3}[type(module).__name__[-2:].lower()]
+                row.window = math.prod(k) if isinstance(k, (tuple, list)) else k ** dims
+            view, steps = _layout(x, self.T, self.B)
+            out_view, _ = _layout(out.detach(), self.T, self.B)
+            if self._pooled(row, x, view, out_view, steps):
+                self.mark_real(out)
+            if adaptive:
+                row.window = max(row.n_in // max(row.n_out, 1), 1)
+        return hook
+
+    # --- BatchNorm: folded into the layer whose output it reads, or not ---
+
+    def _produce(self, out: torch.Tensor, into: str) -> None:
+        self.produced[out.untyped_storage().data_ptr()] = (weakref.ref(out), into)
+
+    def _norm(self, name: str):
+        def hook(module, args, out):
+            x = args[0]
+            entry = self.produced.get(x.untyped_storage().data_ptr())
+            # a live producer with the same storage: x is its output or a view of it (a dead one
+            # means the memory was reused by another tensor)
+            into = entry[1] if entry is not None and entry[0]() is not None else None
+            row = self._row(name, lambda: NormCounts(name, module.num_features, into is not None, into))
+            if into is None:
+                row.folded, row.into = False, None
+            else:
+                self.rows[into].bias = True
+                self._produce(out, into)
+            view, steps = _layout(x.detach(), self.T, self.B)
+            row.n, row.steps = view.shape[-1], _steps(row, self.batch, steps)
+            row.types.add(self._type_of(x))
+            self.mark_real(out)
+            row.samples += self.B
+        return hook
+
+    def _merged(self, at: str, shape: tuple[int, int, int], members: list[str]):
+        """The chain's input and output sizes, and the in-bounds taps of the one k×k conv (stride 1,
+        padding k//2: the size-preserving conv these chains re-parameterise into)."""
+        def hook(module, args, out):
+            if at in self.merged:
+                return
+            x = args[0]
+            kernel, c_in, c_out = shape
+            spatial = tuple(x.shape[-2:])
+            ones = torch.ones(1, 1, *spatial)
+            taps = float(F.conv2d(ones, torch.ones(1, 1, kernel, kernel), padding=kernel // 2).sum())
+            self.merged[at] = {"kernel": kernel, "c_in": c_in, "c_out": c_out, "n_in": c_in * math.prod(spatial),
+                               "n_out": c_out * math.prod(out.shape[-2:]), "dense": taps * c_in * c_out,
+                               "weights": kernel * kernel * c_in * c_out, "members": members}
+        return hook
 
     def _row(self, name: str, make):
         if name not in self.rows:
@@ -261,8 +539,10 @@ class _Collector:
             self.order.append(name)
         return self.rows[name]
 
-    def _connection(self, name: str, bn_after: bool):
+    def _connection(self, name: str):
         def hook(module, args, out):
+            self._produce(out, name)
+            self.mark_real(out)
             x = args[0].detach()
             view, steps = _layout(x, self.T, self.B)
             kind = "linear" if isinstance(module, nn.Linear) else "conv"
@@ -271,8 +551,9 @@ class _Collector:
             c_in = module.in_features if kind == "linear" else module.in_channels
             c_out = module.out_features if kind == "linear" else module.out_channels
             groups = 1 if kind == "linear" else module.groups
+            own_bias = module.bias is not None
             row = self._row(name, lambda: ConnectionCounts(name, kind, kernel, stride, groups, c_in, c_out,
-                                                           module.weight.numel(), module.bias is not None or bn_after))
+                                                           module.weight.numel(), own_bias, own_bias))
             out_view, _ = _layout(out.detach(), self.T, self.B)
             row.n_in, row.n_out, row.steps = view.shape[-1], out_view.shape[-1], _steps(row, self.batch, steps)
             value_type = _value_type(x)
@@ -322,11 +603,69 @@ class _Collector:
         self.inputs[id(module)] = (args[0].detach(), None if state is None else state.clone())
 
     def _neuron(self, name: str, model_kind: str):
+        """Hook of a neuron. Two declared ways of running one time step per call are counted too:
+
+        - a neuron driven step by step outside its own forward (AT-SNN's token halting) reports
+          only the rows it computed, with ``module.step_membrane`` = (their membrane before the
+          step, after it, the layer's neurons per sample) set during the call. Only those rows
+          count: all of them at the layer's first step in the batch, later the ones whose stored
+          membrane changed; ``steps`` is then the mean number of steps a neuron ran, so that
+          n·steps is the neuron-steps actually computed;
+        - a weightless product with state, called once per step with its two spiking operands
+          (``attention_product = "at_neuron"``, ECMT's AtNeuron), is an attention row: the binarised
+          products A_t·B_t, A_t·S_B(t) and S_A(t)·B_t (S the operand sums through step t, as the
+          module keeps them), each an AC if one of its operands is spike-valued {−a, 0, a}, else a
+          MAC (``s_macs``); Dense is the same three products with all-ones operands."""
+        def at_neuron(module, args):
+            a, b = args[0].detach(), args[1].detach()  # [..., N, d] and [..., d, M]
+            sum_a, sum_b = module.sum_a.detach(), module.sum_b.detach()
+
+            def binary_product(x, y):  # Σ over all entries of 1[x≠0] @ 1[y≠0]
+                return float(((x != 0).sum(-2, dtype=torch.float64) * (y != 0).sum(-1, dtype=torch.float64)).sum())
+
+            def spike_valued(x):
+                nonzero = x[x != 0].abs()
+                return nonzero.numel() == 0 or bool((nonzero == nonzero[0]).all())
+
+            spikes_a, spikes_b = spike_valued(a), spike_valued(b)
+            terms = ((a, b, spikes_a or spikes_b), (a, sum_b, spikes_a), (sum_a, b, spikes_b))
+            ops = [(binary_product(x, y), ac) for x, y, ac in terms]
+            product = getattr(module, "product", "qk")
+            heads = a.shape[1] if a.dim() == 4 else 1
+            d = a.shape[-1] if product == "qk" else b.shape[-1]
+            row = self._row(name, lambda: AttentionCounts(name, product, a.shape[-2], heads * d, heads, 1))
+            row.steps = _steps(row, self.batch, 1)
+            row.s += sum(s for s, _ in ops)
+            row.s_macs = getattr(row, "s_macs", 0.0) + sum(s for s, ac in ops if not ac)
+            row.dense += 3.0 * a.numel() * b.shape[-1]
+            row.z_a += float((a != 0).sum())
+            row.z_b += float((b != 0).sum())
+            row.samples += self.B
+
         def hook(module, args, out):
+            if model_kind == "at_neuron":
+                self.inputs.pop(id(module), None)
+                at_neuron(module, args)
+                return
             out = out[0] if isinstance(out, (tuple, list)) else out
             x, state_before = self.inputs.pop(id(module))
             stateful = model_kind in ("lif", "if", "multi_threshold")
             row = self._row(name, lambda: NeuronCounts(name, model_kind, spiking=stateful))
+            step = getattr(module, "step_membrane", None)
+            if step is not None:  # one step on the rows it computed (token halting)
+                before, after, neurons = step
+                if row.batch != self.batch:  # the layer's first step in this batch: every row is updated
+                    row.batch, row.steps_in_batch = self.batch, 0
+                    row.samples += self.B
+                    row.updates += float(after.numel())
+                else:
+                    row.updates += float((after != before).sum())
+                row.steps_in_batch += 1
+                row.n = max(row.n, neurons)
+                row.spikes += float((out != 0).sum())
+                row.outputs += out.numel()
+                row.steps = row.outputs / (row.samples * row.n)  # mean steps per neuron
+                return
             if model_kind == "multi_threshold":  # one call per time step, membrane kept in ``module.v``
                 row.n = out[0].numel() if out.dim() > 1 else out.numel()
                 first = row.batch != self.batch
@@ -351,51 +690,117 @@ class _Collector:
         return hook
 
     def _attention(self, name: str, kind: str):
+        """Hook of an attention module, after its q/k/v (or q/k/attn) neurons ran. A module whose
+        neurons ran one step on a subset of tokens (AT-SNN's halting) sets ``step_tokens`` [B, n]
+        (bool) during the call; its neurons reported the computed rows in the order of
+        ``step_tokens.nonzero()``. Then the products run over the tokens present: halted tokens
+        are empty rows, Dense counts n_b present tokens per sample (n_b²·D for Q·Kᵀ and ·V), and
+        ``steps`` is the mean number of steps a token ran."""
         def hook(module, args, out):
             if kind == "qk_token":
                 q, k, _ = (self.spikes.pop(f"{name}.{p}") for p in ("q_lif", "k_lif", "attn_lif"))
                 v = None
             else:
                 q, k, v = (self.spikes.pop(f"{name}.{p}") for p in ("q_lif", "k_lif", "v_lif"))
-            tokens_last = q.dim() == 4 and getattr(module, "tokens_last", False)
+            tokens = getattr(module, "step_tokens", None)
+            if tokens is not None:
+                def place(rows):  # the computed rows → [1, B, n, C], zero on the halted tokens
+                    rows = rows.reshape(-1, rows.shape[-1])
+                    full = rows.new_zeros((*tokens.shape, rows.shape[-1]))
+                    full[tokens] = rows
+                    return full[None]
+
+                q, k, v = place(q), place(k), None if v is None else place(v)
+                tokens_last, present = True, tokens.sum(1).double()  # [B] tokens present per sample
+            else:
+                tokens_last, present = q.dim() == 4 and getattr(module, "tokens_last", False), None
             heads = getattr(module, "num_heads", 1) or 1
             qh, kh = _heads(q, heads, tokens_last), _heads(k, heads, tokens_last)  # [T, B, h, N, d]
             steps, _, h, N, d = qh.shape
             D = h * d
             qb, kb = (qh != 0).double(), (kh != 0).double()
 
-            def add(product, s, dense, z_a, z_b):
+            def add(product, s, dense_of, z_a, z_b):
+                """``dense_of(n)``: dense ops of one step of one sample with n tokens."""
                 row = self._row(f"{name}.{product}", lambda: AttentionCounts(f"{name}.{product}", product, N, D, h, steps))
                 row.s += s
-                row.dense += dense * self.B
                 row.z_a += z_a
                 row.z_b += z_b
-                row.samples += self.B
+                if present is None:
+                    row.dense += dense_of(N) * steps * self.B
+                    row.samples += self.B
+                    return
+                row.dense += float(dense_of(present).sum())
+                if getattr(row, "batch", -1) != self.batch:
+                    row.batch = self.batch
+                    row.samples += self.B
+                row.token_steps = getattr(row, "token_steps", 0.0) + float(present.sum())
+                row.steps = row.token_steps / (row.samples * N)
 
             if kind == "qk_token":  # Σ_d q per token: one add per q spike; mask ⊙ k is masking
-                add("q_sum", float(qb.sum()), steps * N * D, float(qb.sum()), 0.0)
+                add("q_sum", float(qb.sum()), lambda n: n * D, float(qb.sum()), 0.0)
                 return
             vb = (_heads(v, heads, tokens_last) != 0).double()
             if kind == "sdsa":  # Σ_N (K ⊙ V): one add per non-zero of K ⊙ V; the ANDs count 0
-                add("sdsa_sum", float((kb * vb).sum()), steps * N * D, float(kb.sum() + vb.sum()), float(qb.sum()))
+                add("sdsa_sum", float((kb * vb).sum()), lambda n: n * D, float(kb.sum() + vb.sum()), float(qb.sum()))
                 return
             if kind == "ssa_q_kv" or getattr(module, "order", None) == "q_kv_scale":  # Q·(Kᵀ·V)
                 s_kv = float((kb.sum(-1) * vb.sum(-1)).sum())        # Σ_n (Σ_c k_nc)(Σ_e v_ne)
                 kv = (kb.transpose(-1, -2) @ vb) != 0                # [.., d, d]
                 s_q = float((qb.sum(-2) * kv.double().sum(-1)).sum())  # Σ_c colsum(q)_c · rowsum(KV)_c
-                add("kv", s_kv, steps * N * D * d, float(kb.sum()), float(vb.sum()))
-                add("q_kv", s_q, steps * N * D * d, float(qb.sum()), 0.0)
+                add("kv", s_kv, lambda n: n * D * d, float(kb.sum()), float(vb.sum()))
+                add("q_kv", s_q, lambda n: n * D * d, float(qb.sum()), 0.0)
                 return
             s_qk = float((qb.sum(-2) * kb.sum(-2)).sum())            # Σ_c colsum(q)_c · colsum(k)_c
             scores = (qb @ kb.transpose(-1, -2)) != 0                # [.., N, N]
             s_av = float((scores.double().sum(-2) * vb.sum(-1)).sum())  # Σ_j (Σ_i 1[s_ij]) (Σ_c v_jc)
-            add("qk", s_qk, steps * N * N * D, float(qb.sum()), float(kb.sum()))
-            add("av", s_av, steps * N * N * D, float(vb.sum()), 0.0)
+            add("qk", s_qk, lambda n: n * n * D, float(qb.sum()), float(kb.sum()))
+            add("av", s_av, lambda n: n * n * D, float(vb.sum()), 0.0)
         return hook
 
     def remove(self):
         for h in self.hooks:
             h.remove()
+
+
+class _StreamOps(TorchFunctionMode):
+    """Sees every torch call while the pass runs and hands the residual adds and the means to the
+    collector (which decides whether the running forward is a block's own)."""
+
+    def __init__(self, collector: _Collector) -> None:
+        super().__init__()
+        self.collector = collector
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _ADDS and len(args) >= 2 and isinstance(args[0], torch.Tensor) and isinstance(args[1], torch.Tensor) \
+                and "alpha" not in kwargs and self.collector._op_site() is not None:
+            real = self.collector.residual_add(args[0], args[1], torch.broadcast_shapes(args[0].shape, args[1].shape))
+        else:
+            real = None
+        out = func(*args, **kwargs)
+        if real:
+            self.collector.mark_real(out)
+        if func in _MEANS and isinstance(out, torch.Tensor) and self.collector._op_site() is not None:
+            dims = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            self.collector.mean(args[0].detach(), dims, out.detach())
+        return out
+
+
+def _merged_chains(model: nn.Module) -> dict[str, tuple[tuple[int, int, int], list[str]]]:
+    """{module recorded as the chain's input: ((kernel, C_in, C_out), [its connection layers])} from
+    every module that declares a ``merged_conv()`` view (a linear conv chain that re-parameterises
+    into one k×k conv, e.g. SDT v2's RepConv and SepConv)."""
+    chains = {}
+    for name, m in model.named_modules():
+        if callable(getattr(m, "merged_conv", None)):
+            at, shape, inner = m.merged_conv()
+            prefix = f"{name}." if name else ""
+            at_name = (prefix + at).rstrip(".")
+            at_module = model.get_submodule(at_name)
+            members = ([at_name] if isinstance(at_module, CONNECTIONS) else []) + [prefix + part for part in inner]
+            chains[at_name] = (shape, members)
+    return chains
 
 
 def _steps(row, batch: int, steps: int) -> int:
@@ -418,9 +823,12 @@ def _heads(x: torch.Tensor, heads: int, tokens_last: bool) -> torch.Tensor:
 
 
 def _neuron_model(m: nn.Module) -> str | None:
-    """"lif" / "if" for a spiking neuron, "relu" / "sigmoid" for NeuroBench's default activations."""
+    """"lif" / "if" for a spiking neuron, "relu" / "sigmoid" for NeuroBench's default activations,
+    "at_neuron" for a product module with state run one step per call (its hook counts products)."""
     from spikeformers.models.neurons import LIF
 
+    if getattr(m, "attention_product", None) == "at_neuron":
+        return "at_neuron"  # a product with state, one call per step: hooked like a step-wise neuron
     declared = getattr(m, "neuron_model", None)
     if isinstance(declared, str):
         return declared
@@ -495,14 +903,14 @@ def collect(model: nn.Module, batches, T: int | None = None, time_first: bool = 
     model.eval()
     samples = 0
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _StreamOps(collector):
             for x in batches:
                 model(x)
                 samples += collector.B
     finally:
         collector.remove()
         model.train(was_training)
-    return Counts([collector.rows[n] for n in collector.order], samples, collector.T)
+    return Counts([collector.rows[n] for n in collector.order], samples, collector.T, dict(collector.merged))
 
 
 def neurobench_metrics(model: nn.Module, counts: Counts) -> dict:
@@ -527,7 +935,7 @@ def neurobench_metrics(model: nn.Module, counts: Counts) -> dict:
             layers.append({"name": r.name, "kind": "neuron", "call_type": None, "Effective_MACs": None,
                            "Effective_ACs": None, "Dense": None, "sparsity": 1 - r.spikes / max(r.outputs, 1),
                            "membrane_updates": per(r.updates) if r.spiking else None})
-        else:
+        elif isinstance(r, AttentionCounts):  # residual adds, pooling and BN are not NeuroBench layers
             layers.append({"name": r.name, "kind": "attention", "call_type": "AC", "Effective_MACs": 0.0,
                            "Effective_ACs": per(r.s), "Dense": per(r.dense), "sparsity": None, "membrane_updates": None})
     return {
