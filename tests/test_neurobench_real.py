@@ -174,6 +174,62 @@ def test_membrane_updates_pre_and_post_reset_convention_on_an_snntorch_twin():
     assert ours["NeuronOperations"] == {"Effective Neuron Ops": 26.0, "Neuron Dense Ops": 36}
 
 
+def test_t2_padded_conv_against_neurobench():
+    """3×3 conv, padding 1, on a 4×4 spike map with spikes at (0,0), (1,2), (3,3): in-bounds fan-outs
+    4 + 9 + 4 = 17 ACs; Dense counts in-bounds taps only, 100 rather than 9·16 = 144."""
+    conv = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1, bias=False))
+    nn.init.constant_(conv[0].weight, 0.3)
+    conv.T = 1
+    x = torch.zeros(1, 1, 4, 4)
+    x[0, 0, 0, 0] = x[0, 0, 1, 2] = x[0, 0, 3, 3] = 1
+    theirs = run_neurobench(TorchModel(conv), x, 1, workload=[SynapticOperations])
+    assert theirs["SynapticOperations"] == {"Effective_MACs": 0, "Effective_ACs": 17, "Dense": 100}
+    assert neurobench_metrics(conv, collect(conv, [x]))["SynapticOperations"] == theirs["SynapticOperations"]
+
+
+class TimeFirst(nn.Module):
+    """NeuroBench feeds [B, T, ...] and divides by its first dimension; SpikingJelly's multi-step
+    network wants [T, B, ...]."""
+
+    def __init__(self, net, T):
+        super().__init__()
+        self.net, self.T = net, T
+
+    def forward(self, x):
+        return self.net(x.transpose(0, 1))
+
+
+def test_spikingjelly_network_at_batch_3_divides_by_samples_not_steps():
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    net = nn.Sequential(layer.Linear(8, 6, bias=True, step_mode="m"), neuron.LIFNode(step_mode="m"),
+                        layer.Linear(6, 4, bias=False, step_mode="m"), neuron.IFNode(step_mode="m"))
+    with torch.no_grad():  # no zero weight in either layer
+        net[0].weight.copy_(torch.linspace(-0.5, 1.5, 48).reshape(6, 8))
+        net[0].bias.fill_(0.1)
+        net[2].weight.copy_(torch.linspace(-1, 2, 24).reshape(4, 6))
+    spikes = torch.zeros(3, 3, 8)  # [B, T, 8]: 9, 13 and 6 input spikes
+    spikes[0, 0, [0, 3, 5]] = spikes[0, 1, [1, 2]] = spikes[0, 2, [0, 1, 2, 7]] = 1
+    spikes[1, 0, [1, 2, 4, 6]] = spikes[1, 1, :] = spikes[1, 2, [7]] = 1
+    spikes[2, 1, [0, 5]] = spikes[2, 2, [3, 4, 5, 6]] = 1
+    model = TimeFirst(net, T=3)
+    functional.reset_net(net)
+    ours = neurobench_metrics(model, collect(model, [spikes]))
+    functional.reset_net(net)
+    wrapped = TorchModel(model)
+    wrapped.add_activation_module(neuron.BaseNode)
+    theirs = run_neurobench(wrapped, spikes, 3)
+    functional.reset_net(net)
+    # fc0: 28 input spikes × 6 outputs / 3 samples = 56 ACs; Dense (8·6 + 6·4)·3 steps = 216 per sample
+    assert theirs["SynapticOperations"]["Effective_ACs"] > 56 and theirs["SynapticOperations"]["Dense"] == 216
+    for key in ("ParameterCount", "Footprint", "ConnectionSparsity", "SynapticOperations"):
+        assert ours[key] == theirs[key], key
+    assert ours["ActivationSparsity"] == pytest.approx(theirs["ActivationSparsity"], rel=1e-12)
+    by_name = {k.rsplit(".", 1)[-1]: v for k, v in ours["ActivationSparsityByLayer"].items()}  # net.1 -> 1
+    assert by_name == pytest.approx(theirs["ActivationSparsityByLayer"], rel=1e-12)
+    assert theirs["MembraneUpdates"] == 0 < ours["MembraneUpdates"]
+
+
 # --- registered tiny models of every family --------------------------------------------------------
 
 ZOO = ["spikformer_tiny", "sdt_tiny", "sdtv2_tiny", "sdtv3_tiny", "spikingformer_tiny", "qkformer_tiny",
