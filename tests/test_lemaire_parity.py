@@ -13,7 +13,8 @@ and so does our profile: one sample, one step per buffer, every count divided by
   byte grows linearly with the capacity, so there SpikingJelly's batch total is B × ours with the
   membrane term B times dearer: total / B = ours + (B − 1) · membrane;
 - a real-valued input read over T steps sits in a buffer of T steps in SpikingJelly (T × the
-  per-byte cost below 8 KiB) and of one step in ours.
+  per-byte cost below 8 KiB) and of one step in ours; likewise a real-input conv's C_out·k address
+  adds are counted once per call there (one call runs T steps of B samples) and once per pass here.
 
 Digit-for-digit parity at B = 1 (the toy network of the specification) is tested with the other
 hand-computed cases in test_energy_v2.py.
