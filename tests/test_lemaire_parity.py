@@ -16,8 +16,8 @@ and so does our profile: one sample, one step per buffer, every count divided by
   per-byte cost below 8 KiB) and of one step in ours; likewise a real-input conv's C_out·k address
   adds are counted once per call there (one call runs T steps of B samples) and once per pass here.
 
-Digit-for-digit parity at B = 1 (the toy network of the specification) is tested with the other
-hand-computed cases in test_energy_v2.py.
+Digit-for-digit parity at B = 1 on the same toy network is tested with the other hand-computed
+cases in test_energy_v2.py (T3).
 """
 
 import pytest
@@ -39,7 +39,7 @@ E_ADD = 0.1  # pJ, one 32-bit add (Lemaire 2022 / Horowitz 2014)
 
 
 def linear_net():
-    """The specification's Lemaire toy: Linear(8, 6, bias) → LIF → Linear(6, 4) → IF, multi-step."""
+    """The Lemaire toy of test_energy_v2.py (T3): Linear(8, 6, bias) → LIF → Linear(6, 4) → IF, multi-step."""
     net = nn.Sequential(layer.Linear(8, 6, bias=True, step_mode="m"), neuron.LIFNode(step_mode="m"),
                         layer.Linear(6, 4, bias=False, step_mode="m"), neuron.IFNode(step_mode="m"))
     with torch.no_grad():
@@ -96,7 +96,7 @@ def assert_same_terms(snn, sj, bias_adds):
     assert b["weights"] + b["bias"] - bias_adds == pytest.approx(sj["params_pj"], rel=1e-12)
 
 
-# Sample 0 is the specification's input (SpikingJelly alone: 251.73125 pJ); samples 1 and 2 differ.
+# Sample 0 is T3's input (SpikingJelly 2.0.0 on it alone: 251.73125 pJ); samples 1 and 2 differ.
 SPIKES = torch.zeros(3, 3, 8)
 SPIKES[0, 0, [0, 3, 5]] = SPIKES[1, 0, [1, 2]] = SPIKES[2, 0, [0, 1, 2, 7]] = 1
 SPIKES[0, 1, [1, 2, 4, 6]] = SPIKES[1, 1, :] = SPIKES[2, 1, [7]] = 1
@@ -106,7 +106,7 @@ SPIKES[1, 2, [0, 5]] = SPIKES[2, 2, [3, 4, 5, 6]] = 1
 def test_linear_network_per_sample_parity_at_batch_3():
     net = linear_net()
     reports, mean = one_at_a_time(net, SPIKES)
-    assert reports[0].total_pj == pytest.approx(251.73125, rel=1e-12)  # the specification's value
+    assert reports[0].total_pj == pytest.approx(251.73125, rel=1e-12)  # T3's reference value
     bias_adds = 3 * 6 * E_ADD  # T · n_out of the biased layer
     assert_same_terms(ours(net, [SPIKES], T=3), mean, bias_adds)
     assert_same_terms(ours(net, [SPIKES[:, :1], SPIKES[:, 1:]], T=3), mean, bias_adds)  # any split into batches
