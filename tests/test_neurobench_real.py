@@ -250,23 +250,45 @@ def _zoo_model(name):
     return model, model.in_chans
 
 
-@pytest.mark.parametrize("name", ZOO)
-def test_tiny_model_against_neurobench(name):
-    model, channels = _zoo_model(name)
-    x = torch.rand(4, channels, 32, 32, generator=torch.Generator().manual_seed(0)) * 3
-    counts = collect(model, [x[:2], x[2:]])
+def assert_same_as_neurobench(model, x: torch.Tensor) -> dict:
+    """Ours and NeuroBench's on ``x`` in two batches; our neuron classes registered as activations.
+    Returns NeuroBench's results."""
+    counts = collect(model, [x[: len(x) // 2], x[len(x) // 2:]])
     ours = neurobench_metrics(model, counts)
     wrapped = TorchModel(model)
     neuron_classes = {type(m) for m in model.modules() if isinstance(m, LIF) or isinstance(getattr(m, "neuron_model", None), str)}
     for cls in neuron_classes:
         wrapped.add_activation_module(cls)
-    theirs = run_neurobench(wrapped, x, 2)
+    theirs = run_neurobench(wrapped, x, len(x) // 2)
     for key in ("ParameterCount", "Footprint", "ConnectionSparsity", "SynapticOperations"):
         assert ours[key] == theirs[key], key
-    assert theirs["SynapticOperations"]["Effective_ACs"] > 0 or name.startswith(("qcfs_", "sdtv3_"))  # spikes reached a layer
     # NeuroBench averages the per-batch ratio over batches: equal to rounding
     assert ours["ActivationSparsity"] == pytest.approx(theirs["ActivationSparsity"], rel=1e-12)
     assert by_attribute_name(counts) == pytest.approx(theirs["ActivationSparsityByLayer"], rel=1e-12)
     assert {k.rsplit(".", 1)[-1] for k in ours["ActivationSparsityByLayer"]} == set(theirs["ActivationSparsityByLayer"])
     # convention: no snnTorch neuron, so NeuroBench counts no membrane update
     assert theirs["MembraneUpdates"] == 0
+    return theirs
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_tiny_model_against_neurobench(name):
+    model, channels = _zoo_model(name)
+    theirs = assert_same_as_neurobench(model, torch.rand(4, channels, 32, 32, generator=torch.Generator().manual_seed(0)) * 3)
+    assert theirs["SynapticOperations"]["Effective_ACs"] > 0 or name.startswith(("qcfs_", "sdtv3_"))  # spikes reached a layer
+
+
+def test_converted_ecmt_network_against_neurobench():
+    """ECMT's SNN runs the network once per step (multi-threshold neurons keep their membrane):
+    NeuroBench sees T calls per batch and still divides by the batch size, as we do."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from spikeformers.models import ecmt
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=4).eval()
+    snn = ecmt.convert(vit, ecmt.calibrate(vit, [torch.randn(4, 3, 32, 32)]))
+    snn.T = 3
+    theirs = assert_same_as_neurobench(snn, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    # the qkv layer alone runs T · 17 tokens · 32 in · 96 out dense taps per sample
+    assert theirs["SynapticOperations"]["Dense"] > 3 * 17 * 32 * 96
