@@ -1,8 +1,8 @@
 """Our NeuroBench metrics against the real NeuroBench 2.3.0 package, key for key.
 
-NeuroBench is not a dependency (it pulls snnTorch, tonic, numba and a torchaudio that wants another
-torch); CI installs it without its dependencies (``.ci/run``). Where it is not importable every test
-here is skipped. NeuroBench runs through its own ``Benchmark`` loop with ``TorchModel`` (our
+NeuroBench is not a dependency (it pulls snnTorch, tonic, numba and torchaudio); CI installs the
+``neurobench`` extra with torch held by a constraint, or NeuroBench and snnTorch alone with
+``--no-deps`` (``.ci/run``). Where it is not importable every test here is skipped. NeuroBench runs through its own ``Benchmark`` loop with ``TorchModel`` (our
 networks, our neuron classes registered with ``add_activation_module``) or ``SNNTorchModel`` (an
 snnTorch twin of the toy network), so its own hooks find the connection layers and activations.
 
