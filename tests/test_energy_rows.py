@@ -309,3 +309,32 @@ def test_totals_are_the_sums_of_the_rows_in_every_profile(zoo):
         c = block["curve"]
         assert block["snn"]["rate_independent_pJ"] == pytest.approx(sum(r["rate_scaling_pJ"]["const"] for r in block["rows"]))
         assert min(c["A"], c["L"], c["Q"]) >= 0
+
+
+def test_sepconv_chains_are_one_kxk_conv_on_the_ann_side():
+    """SDT v2's SepConv: depthwise 7×7 → 1×1 counts as one 7×7 conv (2C → C, stride 1, pad 3) on the
+    depthwise conv's spike input; its in-bounds taps are counted here with plain loops."""
+    torch.manual_seed(0)
+    model = timm.create_model("sdtv2_tiny", num_classes=5)
+    model.T = 2
+    counts = collect(model, [torch.rand(2, model.in_chans, 32, 32, generator=torch.Generator().manual_seed(0))])
+    assert counts.merged
+    for at, chain in counts.merged.items():
+        assert at.endswith("Conv.dwconv") and chain["members"] == [at, at.replace("dwconv", "pwconv2")]
+        side = int(round((chain["n_in"] / chain["c_in"]) ** 0.5))  # square maps
+        per_axis = sum(min(y + 3, side - 1) - max(y - 3, 0) + 1 for y in range(side))
+        assert chain["kernel"] == 7 and chain["dense"] == per_axis ** 2 * chain["c_in"] * chain["c_out"]
+        assert chain["c_in"] == 2 * chain["c_out"] and chain["weights"] == 49 * chain["c_in"] * chain["c_out"]
+    rows = _rows(ma.price(counts, ma.PROFILES["mem45-int8"]))
+    for at, chain in counts.merged.items():
+        first, second = (rows[m] for m in chain["members"])
+        assert first["ann_pJ"]["int8_naive"] > 0 and second["ann_pJ"]["int8_naive"] == 0.0
+
+
+def test_bad_bn_option_is_one_line():
+    from spikeformers.models.errors import UserError
+
+    with pytest.raises(UserError, match="bn must be one of folded, unfolded"):
+        ma.profile("mem45-int8", bn="sometimes")
+    assert ma.profile("mem45-int8", e_add_v=None).add_v == ma.PROFILES["mem45-int8"].e_ac
+    assert ma.profile("mem45-int8", e_add_v=0.0).add_v == 0.0
