@@ -258,36 +258,78 @@ class AdaptiveTokens:
         v = run.lif_v.get(key)
         if v is None or v.shape[1] != n:
             v = inp.new_zeros((inp.shape[0], n, inp.shape[-1]), dtype=torch.promote_types(inp.dtype, torch.float32))
+        neurons = n * inp.shape[-1]  # the layer's neurons per sample (slots × channels)
         if rows is not None:  # gathered: only the active rows exist
-            spikes, v_rows = lif.step(inp, v[:, rows])
+            v_before = v[:, rows]
+            spikes, v_rows = lif.step(inp, v_before)
             v = v.clone()
             v[:, rows] = v_rows
             run.lif_v[key] = v
-            _report(lif, inp, spikes)
+            if _hooked(lif):
+                _report(lif, inp, spikes, v_before, v_rows, neurons)
             return spikes
         spikes, v_next = lif.step(inp, v)
         m = active[..., None]
         run.lif_v[key] = torch.where(m, v_next, v)
-        _report(lif, inp, spikes[active])
+        if _hooked(lif):
+            _report(lif, inp[active], spikes[active], v[active], v_next[active], neurons)
         return spikes * m.to(spikes.dtype)
 
 
 # --- token-slot layers (masked, or gathered at batch 1) -------------------------------------------
 
 
-def _report(lif: LIF, inp: torch.Tensor, processed: torch.Tensor) -> None:
-    """Give ``lif``'s forward hooks (firing-rate monitors) the spikes of the neurons this step
-    actually computed: the step-wise path never calls ``lif`` itself."""
-    for hook_id, hook in lif._forward_hooks.items():
-        if hook_id in lif._forward_hooks_with_kwargs:
-            hook(lif, (inp,), {}, processed)
-        else:
-            hook(lif, (inp,), processed)
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _report(lif: LIF, inp: torch.Tensor, spikes: torch.Tensor, v_before: torch.Tensor, v_after: torch.Tensor,
+            neurons: int) -> None:
+    """Run ``lif``'s hooks (firing-rate monitors, energy counters) on the neurons this step actually
+    computed, rows [K, C] (or [1, k, C] gathered): the step-wise path never calls ``lif`` itself.
+    During the call ``lif.step_membrane`` = (membrane of those neurons before the step, after it,
+    the layer's neurons per sample), so that a counter can tell the updated membranes apart
+    (NeuroBench's membrane updates) from the rows alone."""
+    lif.step_membrane = (v_before.detach(), v_after.detach(), neurons)
+    try:
+        for hook_id, hook in list(lif._forward_pre_hooks.items()):
+            if hook_id in lif._forward_pre_hooks_with_kwargs:
+                hook(lif, (inp,), {})
+            else:
+                hook(lif, (inp,))
+        for hook_id, hook in list(lif._forward_hooks.items()):
+            if hook_id in lif._forward_hooks_with_kwargs:
+                hook(lif, (inp,), {}, spikes)
+            else:
+                hook(lif, (inp,), spikes)
+    finally:
+        del lif.step_membrane
+
+
+def _report_attention(attn: nn.Module, active: torch.Tensor) -> None:
+    """Run the forward hooks of the attention module ``attn`` (whose ``attention_product``
+    analysis tools count from its q/k/v neurons' spikes) after its neurons' step on the tokens
+    ``active`` [B, n]: the neurons reported their computed rows in the order of
+    ``active.nonzero()``, and ``attn.step_tokens`` = ``active`` says where they sit."""
+    if not attn._forward_hooks:
+        return
+    attn.step_tokens = active
+    try:
+        for hook_id, hook in list(attn._forward_hooks.items()):
+            if hook_id in attn._forward_hooks_with_kwargs:
+                hook(attn, (), {}, None)
+            else:
+                hook(attn, (), None)
+    finally:
+        del attn.step_tokens
 
 
 def _token_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """A 1×1 Conv2d applied to token slots [B, n, C_in] → [B, n, C_out] (it is a Linear)."""
-    return F.linear(x, conv.weight.flatten(1), conv.bias)
+    """A 1×1 Conv2d applied to token slots [B, n, C_in] (or rows [K, C_in]) → [..., C_out]: the
+    module itself runs (its hooks see the call) on the slots laid out as an image [B, C_in, n, 1]."""
+    slots = x if x.dim() == 3 else x[None]
+    out = conv(slots.transpose(1, 2)[..., None])[..., 0].transpose(1, 2)  # [B, n, C_out]
+    return out if x.dim() == 3 else out[0]
 
 
 def _linear_bn(linear, bn: nn.Module, x: torch.Tensor, run: _Pass, active: torch.Tensor) -> torch.Tensor:
@@ -295,7 +337,17 @@ def _linear_bn(linear, bn: nn.Module, x: torch.Tensor, run: _Pass, active: torch
     statistics follow ``run.bn_stats``: ``plain`` over every token of the step (halted ones
     included), ``masked`` over the active tokens only, ``running`` none (the running statistics
     normalise, as in eval: fine-tuning without a train/eval gap)."""
-    y = linear(x)
+    if not bn.training and not run.gather and not bool(active.all()):
+        # eval, masked: the layer runs on the active rows only (a halted row's output is never
+        # read), so that it computes, and analysis hooks count, the tokens actually processed
+        rows = x[active][None]  # [1, K, C_in]
+        out = linear(rows)[0] if rows.shape[1] else rows.new_zeros((0, _out_width(linear)))
+        y = out.new_zeros((*x.shape[:-1], out.shape[-1]))
+        y[active] = out
+    elif not bn.training and x.numel() == 0:  # gathered, no token running: nothing to compute
+        y = x.new_zeros((*x.shape[:-1], _out_width(linear)))
+    else:
+        y = linear(x)
     if not bn.training or run.bn_stats == "plain" or run.gather:
         z = y.transpose(1, 2)  # [B, C, n]; BatchNorm2d (SDT) wants [B, C, n, 1]
         return (bn(z.unsqueeze(-1)).squeeze(-1) if isinstance(bn, nn.BatchNorm2d) else bn(z)).transpose(1, 2)
@@ -318,6 +370,12 @@ def _linear_bn(linear, bn: nn.Module, x: torch.Tensor, run: _Pass, active: torch
         bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
         bn.running_var.lerp_((var * count / (count - 1)).to(bn.running_var.dtype), momentum)
     return ((yf - mean) * torch.rsqrt(var + bn.eps) * bn.weight + bn.bias).to(y.dtype)
+
+
+def _out_width(linear) -> int:
+    """Output channels of a Linear, or of the 1×1 conv in ``partial(_token_conv, conv)``."""
+    layer = linear.args[0] if isinstance(linear, partial) else linear
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
 def _rows(active: torch.Tensor, gather: bool) -> torch.Tensor | None:
@@ -408,6 +466,7 @@ class ATSpikformer(AdaptiveTokens, Spikformer):
         q = self._neuron(l, "q", attn.q_lif, _linear_bn(attn.q_linear, attn.q_bn, xa, run, active), active, rows, run)
         k = self._neuron(l, "k", attn.k_lif, pre_k, active, rows, run)
         v = self._neuron(l, "v", attn.v_lif, _linear_bn(attn.v_linear, attn.v_bn, xa, run, active), active, rows, run)
+        _report_attention(attn, active)  # Q·Kᵀ·V over the tokens present
         heads = attn.num_heads
         core = proportional_ssa(*(split_heads(s[None], heads)[0] for s in (q, k, v)), sa, attn.scale)
         B, n, C = q.shape
@@ -462,6 +521,7 @@ class ATSpikeDrivenTransformer(AdaptiveTokens, SpikeDrivenTransformer):
                    for name, lif, conv, bn in (("q", attn.q_lif, attn.q_conv, attn.q_bn),
                                                ("k", attn.k_lif, attn.k_conv, attn.k_bn),
                                                ("v", attn.v_lif, attn.v_conv, attn.v_bn)))
+        _report_attention(attn, active)  # SDSA's token sum over the tokens present
         token_sum = k.mul(v).sum(1, keepdim=True)  # [B, 1, D]: halted tokens' spikes are 0
         every_sample = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
         mask = self._neuron(l, "mask", attn.talking_heads_lif, token_sum, every_sample, None, run)

@@ -172,11 +172,24 @@ class ECM(nn.Module):
 
 class AtNeuron(nn.Module):
     """Matrix product of two spiking operands (q·kᵀ, attn·v) whose output rate is the product
-    of the input rates. State: S_A, S_B and P = Σ_{i,j} A_i B_j."""
+    of the input rates. State: S_A, S_B and P = Σ_{i,j} A_i B_j. ``product_kind`` names it for
+    analysis tools: ``"qk"`` (scores, operands [..., N, d] and [..., d, N]) or ``"av"`` (scores
+    times values)."""
 
-    def __init__(self) -> None:
+    # for analysis tools: a weightless product with state, one call per time step; its operands are
+    # the call's two arguments and its sums through the step S_A, S_B (``sum_a``, ``sum_b``), so a
+    # step costs the binary products A·B, A·S_B and S_A·B (:func:`product_ops`)
+    attention_product = "at_neuron"
+
+    def __init__(self, product_kind: str = "qk") -> None:
         super().__init__()
+        if product_kind not in ("qk", "av"):
+            raise ValueError(f"product_kind must be 'qk' or 'av', got {product_kind!r}")
+        self.product_kind = product_kind
         self.reset()
+
+    def extra_repr(self) -> str:
+        return f"product_kind={self.product_kind!r}"
 
     def reset(self) -> None:
         self.sum_a, self.sum_b, self.product, self.t = None, None, None, 0
@@ -264,7 +277,7 @@ class SpikingAttention(nn.Module):
         self.q_norm, self.k_norm, self.norm = (_ecm(m) for m in (attn.q_norm, attn.k_norm, attn.norm))
         self.proj = attn.proj
         self.softmax = ECM(nn.Softmax(dim=-1))
-        self.qk, self.sv = AtNeuron(), AtNeuron()
+        self.qk, self.sv = AtNeuron("qk"), AtNeuron("av")
         self.neurons = nn.ModuleDict({p: make_neuron(f"{path}.neurons.{p}", p) for p in ATTENTION_SITES})
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,

@@ -468,11 +468,13 @@ def test_firing_rate_monitor_sees_the_step_wise_neurons(backbone):
     assert monitor.count < rates[1][1]  # halted neurons are not counted
 
 
-def test_energy_analysis_rejects_active_atsnn_and_accepts_it_off():
+def test_energy_analysis_counts_active_atsnn_and_accepts_it_off():
+    # the counts themselves: tests/test_energy_atsnn.py
     from spikeformers.train.energy import analyze
 
-    model, _ = make(gate_center=2.0)
-    with pytest.raises(ValueError, match="does not support AT-SNN models with halting or merging active"):
-        analyze(model, [images(1)])
+    model, _ = make(gate_center=2.0, merge_r=6)
+    halting = analyze(model, [images(2)])
     off, _ = make(halting=False)
-    assert analyze(off, [images(1)]).layers
+    full = analyze(off, [images(2)])
+    assert halting.layers and full.layers
+    assert 0 < halting.total_energy_mJ < full.total_energy_mJ

@@ -163,14 +163,20 @@ def _per_step(x: torch.Tensor, T: int, B: int) -> tuple[torch.Tensor, int, list[
 
 
 class _Recorder:
-    """Hooks that accumulate per-layer statistics over batches (sums, later divided)."""
+    """Hooks that accumulate per-layer statistics over batches (sums, later divided).
+
+    A layer called several times in one batch (a network run one time step per call: ECMT, or
+    AT-SNN's halting, which calls each layer once per step on the tokens still running) fills
+    consecutive time steps, each with its own FLOPs; its record then gives the mean FLOPs per
+    step and SOPs = Σ_t rate_t · FLOPs_t."""
 
     def __init__(self, model: nn.Module, cfg: EnergyConfig) -> None:
-        self.cfg, self.T, self.B = cfg, 1, 1
+        self.cfg, self.T, self.B, self.batch = cfg, 1, 1, -1
         self.stats: dict[str, dict] = {}
         self.order: list[str] = []
         self.spikes: dict[str, torch.Tensor] = {}
-        self.attention_blocks: list[tuple[int, int]] = []  # (N, D) of each attention call in a batch
+        self.attention_blocks: list[tuple[int, int]] = []  # (N, D) of each attention block in a batch
+        self.blocks_seen: dict[str, int] = {}  # attention run step by step: the batch it was last seen in
         self.hooks = [model.register_forward_pre_hook(self._model_input)]
         merged = _merged_chains(model)
         skipped = {part for chain in merged.values() for part in chain[1]}
@@ -179,6 +185,9 @@ class _Recorder:
                 self.hooks.append(m.register_forward_hook(self._layer(f"{name} (merged)", merged[name][0])))
             elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and name not in skipped:
                 self.hooks.append(m.register_forward_hook(self._layer(name)))
+            elif getattr(m, "attention_product", None) == "at_neuron":
+                # a product of two spiking operands with state, one call per step (ECMT's AtNeuron)
+                self.hooks.append(m.register_forward_hook(self._product(name)))
             elif getattr(m, "attention_product", None):
                 # Declared by the model: "ssa" (Q·Kᵀ·V in the module's ``order``), "ssa_q_kv"
                 # (always Q·(Kᵀ·V)), "sdsa" (mask-and-add) or "qk_token"; counted from q/k/v spikes.
@@ -187,21 +196,41 @@ class _Recorder:
                 for part in parts:
                     self.hooks.append(getattr(m, part).register_forward_hook(self._spike(f"{name}.{part}")))
                 self.hooks.append(m.register_forward_hook(self._attention(name, kind)))
+            elif getattr(m, "neuron_model", None) == "count":
+                # integer spike-count neurons: their output S/n is tagged, as spike-driven mode does,
+                # so that the layers it reaches count Σ S spikes over D virtual steps
+                self.hooks.append(m.register_forward_hook(_tag_counts))
 
     def _model_input(self, model, args):
         x = args[0]
         self.T = x.shape[0] if x.dim() == 5 else model.T
         self.B = x.shape[1] if x.dim() == 5 else x.shape[0]
+        self.batch += 1
 
-    def _add(self, name: str, op: str, shape, flops: int, steps: int, kind: str, rates: torch.Tensor):
+    def _add(self, name: str, op: str, shape, flops: float, steps: int, kind: str, rates: torch.Tensor):
+        """Record one call: ``flops`` per sample and step, ``rates`` [steps] (SOPs = rate·FLOPs)."""
         s = self.stats.get(name)
         if s is None:
             s = self.stats[name] = dict(op=op, shape=list(shape), flops=flops, steps=steps, types=set(),
-                                        rate_sum=torch.zeros(steps, dtype=torch.float64), samples=0)
+                                        rate_sum=torch.zeros(steps, dtype=torch.float64), samples=0,
+                                        batch=-1, calls=0, max_calls=0, step_flops=[], step_sops=[])
             self.order.append(name)
+        if s["batch"] != self.batch:
+            s["batch"], s["calls"], s["first_step"] = self.batch, 0, 0
+        s["calls"] += 1
+        s["max_calls"] = max(s["max_calls"], s["calls"])
         s["types"].add(kind)
-        s["rate_sum"] += rates.double() * self.B  # per-sample weighting across batches of any size
-        s["samples"] += self.B
+        if s["calls"] == 1:
+            s["rate_sum"] += rates.double() * self.B  # per-sample weighting across batches of any size
+            s["samples"] += self.B
+        t0 = s["first_step"]  # this call's steps in the batch: after the earlier calls' steps
+        s["first_step"] = t0 + steps
+        for t, rate in enumerate(rates.double().tolist(), start=t0):
+            while len(s["step_flops"]) <= t:
+                s["step_flops"].append(0.0)
+                s["step_sops"].append(0.0)
+            s["step_flops"][t] += flops * self.B
+            s["step_sops"][t] += rate * flops * self.B
 
     def _layer(self, name, merged: tuple[int, int, int] | None = None):
         """Record a conv/linear call. ``merged`` = (kernel, C_in, C_out): the module is a linear conv
@@ -210,11 +239,16 @@ class _Recorder:
         def hook(module, args, out):
             x = args[0].detach()
             view, steps, shape = _per_step(x, self.T, self.B)
-            if getattr(module, "_bias_left_out", False):  # spike-driven mode: a call on D binary planes
+            per_unit = _spike_count_unit(args[0])
+            if per_unit is not None:  # integer counts S/n: S spikes per entry (S binary events over
+                # the D virtual steps, as spike-driven mode runs them), whatever integer_inputs says
+                view = torch.round(view.double() * per_unit)
+            elif getattr(module, "_bias_left_out", False):  # spike-driven mode: a call on D binary planes
                 steps = module.virtual_steps  # the planes are virtual time steps, plane-major
                 view, shape = x.reshape(steps, 1, -1), list(x.shape[1:])
+            divisor = steps * self.B
             kind = input_type(view)
-            if self.cfg.integer_inputs == "sum" and kind == "integer":
+            if (self.cfg.integer_inputs == "sum" or per_unit is not None) and kind == "integer":
                 rates = view.float().mean(dim=(1, 2))  # spikes per entry: one AC per spike
             else:
                 rates = (view != 0).float().mean(dim=(1, 2))  # one AC per non-zero entry
@@ -223,7 +257,8 @@ class _Recorder:
             else:
                 kernel, in_channels, out_channels = merged
                 flops, op = out.shape[0] * out.shape[-2] * out.shape[-1] * kernel * kernel * in_channels * out_channels, "conv2d"
-            self._add(name, op, shape, flops // (steps * self.B), steps, kind, rates)  # per sample and time step
+            per_step = flops // divisor if flops % divisor == 0 else flops / divisor  # a step on some tokens
+            self._add(name, op, shape, per_step, steps, kind, rates)  # per sample and time step
         return hook
 
     def _spike(self, name):
@@ -237,6 +272,10 @@ class _Recorder:
                 q, k, mask = (self.spikes.pop(f"{name}.{p}") for p in ("q_lif", "k_lif", "attn_lif"))
             else:
                 q, k, v = (self.spikes.pop(f"{name}.{p}") for p in ("q_lif", "k_lif", "v_lif"))
+            tokens = getattr(module, "step_tokens", None)
+            if tokens is not None:  # one step of the tokens still running (AT-SNN's halting)
+                self._attention_step(name, kind, module, tokens, q, k, mask if kind == "qk_token" else v)
+                return
             T, B = q.shape[:2]
             if q.dim() == 4 and getattr(module, "tokens_last", False):  # [T, B, N, C]
                 N, D = q.shape[2], q.shape[3]
@@ -262,9 +301,80 @@ class _Recorder:
             self.attention_blocks.append((N, D))
         return hook
 
+    def _attention_step(self, name, kind, module, tokens, q, k, third):
+        """One time step of an attention block over the tokens ``tokens`` [B, n] (bool) present:
+        q/k/v are the computed rows (in the order of ``tokens.nonzero()``). Each spike fans out to
+        the tokens present in its sample (a Q spike reaches n_b keys), so SOPs = Σ_b nnz_b·n_b·…;
+        the record's rate is SOPs / (FLOPs of all n slots)."""
+        B, n = tokens.shape
+        present = tokens.sum(1).double()  # [B]
+
+        def per_sample(rows):  # non-zero entries of each sample's computed rows → [B]
+            full = rows.new_zeros((B, n, rows.shape[-1]))
+            full[tokens] = rows.reshape(-1, rows.shape[-1])
+            return (full != 0).reshape(B, -1).sum(1).double()
+
+        D = q.shape[-1]
+        if self.blocks_seen.get(name) != self.batch:  # the ANN counterpart runs the block once
+            self.blocks_seen[name] = self.batch
+            self.attention_blocks.append((n, D))
+
+        def add(suffix, op, flops, sops):
+            self._add(f"{name}.{suffix}", op, [n, D], flops, 1, "binary", torch.tensor([sops / (flops * B)], dtype=torch.float64))
+
+        if kind == "qk_token":
+            add("q_sum", "qk_sum", n * D, float(per_sample(q).sum()))
+            add("mask_k", "qk_mask", n * D, float(per_sample(third).sum()))
+            return
+        if kind == "sdsa":
+            kv = per_sample(k.reshape(-1, D) * third.reshape(-1, D))
+            add("sdsa", "sdsa", n * D, float(kv.sum()))
+            return
+        d = D // module.num_heads
+        if kind == "ssa_q_kv" or getattr(module, "order", None) == "q_kv_scale":
+            add("k_v", "ssa_kv", n * D * d, float((per_sample(k) * d).sum()))
+            add("q_kv", "ssa_q_kv", n * D * d, float((per_sample(q) * d).sum()))
+        else:
+            add("q_k", "ssa_qk", n * n * D, float((per_sample(q) * present).sum()))
+            add("attn_v", "ssa_av", n * n * D, float((per_sample(third) * present).sum()))
+
+    def _product(self, name):
+        """A product of two spiking operands with state (ECMT's AtNeuron), one call per step: its
+        SOPs are the module's own count, the binarised products A_t·B_t, A_t·S_B and S_A·B_t (S the
+        operand sums through step t); its FLOPs one dense product."""
+        def hook(module, args, out):
+            a, b = args[0].detach(), args[1].detach()
+            total = lambda x, y: float(((x != 0).sum(-2, dtype=torch.float64)  # noqa: E731
+                                        * (y != 0).sum(-1, dtype=torch.float64)).sum())
+            sops = total(a, b) + total(a, module.sum_b) + total(module.sum_a, b)
+            flops = a.numel() * b.shape[-1] / self.B  # per sample
+            product = getattr(module, "product_kind", "qk")
+            N, D = a.shape[-2], (a.shape[-1] if product == "qk" else b.shape[-1]) * (a.shape[1] if a.dim() == 4 else 1)
+            if product == "qk" and self.stats.get(name, {}).get("batch") != self.batch:
+                self.attention_blocks.append((N, D))  # the ANN's Q·Kᵀ and ·V, once
+            self._add(name, f"ecmt_{product}", [N, D], flops, 1, "binary", torch.tensor([sops / (flops * self.B)], dtype=torch.float64))
+        return hook
+
     def remove(self):
         for h in self.hooks:
             h.remove()
+
+
+def _tag_counts(module: nn.Module, args, out):
+    """Forward hook of an integer spike-count neuron: its output S/n tagged with n and D (values
+    and graph unchanged), as spike-driven mode tags it, so the analysis sees where counts go."""
+    from spikeformers.models.spike_driven import SpikeCounts
+
+    if module.training or not isinstance(out, torch.Tensor) or isinstance(out, SpikeCounts):
+        return None
+    d = module.max_spike_count
+    return SpikeCounts.tag(out, d if module.normalize else 1, d)
+
+
+def _spike_count_unit(x) -> int | None:
+    """n of a tagged spike-count input S/n (D for hidden neurons, 1 for a raw-count head), else None."""
+    per_unit = getattr(x, "per_unit", None)
+    return per_unit if isinstance(per_unit, int) and isinstance(getattr(x, "max_spike_count", None), int) else None
 
 
 def _merged_chains(model: nn.Module) -> dict[str, tuple[tuple[int, int, int], list[str]]]:
@@ -286,9 +396,6 @@ def analyze(model: nn.Module, batches, cfg: EnergyConfig | None = None, model_na
     ``batches`` yields model inputs (images [B, C, H, W] or sequences [T, B, C, H, W]).
     """
     cfg = cfg or EnergyConfig()
-    if getattr(model, "adaptive", False):  # AT-SNN's step-wise pass bypasses the attention modules
-        raise ValueError(f"energy analysis does not support AT-SNN models with halting or merging active "
-                         f"({type(model).__name__}); analyse the backbone (atsnn=off)")
     rec = _Recorder(model, cfg)
     was_training = model.training
     model.eval()
@@ -308,11 +415,19 @@ def analyze(model: nn.Module, batches, cfg: EnergyConfig | None = None, model_na
     layers, first_done, ann_flops = [], False, 0
     for name in rec.order:
         s = rec.stats[name]
-        rates = (s["rate_sum"] / s["samples"]).tolist()
         kind = "real" if "real" in s["types"] else ("integer" if "integer" in s["types"] else "binary")
-        r = LayerRecord(name, s["op"], s["shape"], int(s["flops"]), s["steps"], kind, [round(x, 6) for x in rates])
-        r.input_rate = sum(rates) / len(rates)
-        r.sops = r.input_rate * r.steps * r.flops
+        if s["max_calls"] > 1:  # one call per time step: each step its own FLOPs (tokens still running)
+            steps = len(s["step_flops"])
+            flops = sum(s["step_flops"]) / (s["samples"] * steps)
+            rates = [sop / max(f, 1e-300) for sop, f in zip(s["step_sops"], s["step_flops"])]
+            r = LayerRecord(name, s["op"], s["shape"], round(flops), steps, kind, [round(x, 6) for x in rates])
+            r.sops = sum(s["step_sops"]) / s["samples"]
+            r.input_rate = r.sops / (steps * flops) if flops else 0.0
+        else:
+            rates = (s["rate_sum"] / s["samples"]).tolist()
+            r = LayerRecord(name, s["op"], s["shape"], int(s["flops"]), s["steps"], kind, [round(x, 6) for x in rates])
+            r.input_rate = sum(rates) / len(rates)
+            r.sops = r.input_rate * r.steps * r.flops
         weighted = r.op in ("conv1d", "conv2d", "linear")
         if weighted:
             ann_flops += r.flops

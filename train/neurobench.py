@@ -630,11 +630,14 @@ class _Collector:
             spikes_a, spikes_b = spike_valued(a), spike_valued(b)
             terms = ((a, b, spikes_a or spikes_b), (a, sum_b, spikes_a), (sum_a, b, spikes_b))
             ops = [(binary_product(x, y), ac) for x, y, ac in terms]
-            product = getattr(module, "product", "qk")
+            product = getattr(module, "product_kind", "qk")
             heads = a.shape[1] if a.dim() == 4 else 1
             d = a.shape[-1] if product == "qk" else b.shape[-1]
             row = self._row(name, lambda: AttentionCounts(name, product, a.shape[-2], heads * d, heads, 1))
-            row.steps = _steps(row, self.batch, 1)
+            if getattr(row, "batch", -1) != self.batch:  # the steps it ran in this batch
+                row.batch, row.steps_in_batch = self.batch, 0
+            row.steps_in_batch += 1
+            row.steps = row.steps_in_batch
             row.s += sum(s for s, _ in ops)
             row.s_macs = getattr(row, "s_macs", 0.0) + sum(s for s, ac in ops if not ac)
             row.dense += 3.0 * a.numel() * b.shape[-1]
