@@ -21,6 +21,12 @@ and E_SNN(s·measured rates) = A + s·L_measured + s²·Q_measured. The break-ev
 E_SNN(r*) = E_ANN (Dampfhoffer et al., "Are SNNs really more energy-efficient than ANNs?", IEEE
 TETCI 2023, report it as ρ* = r*·T spikes per synapse per inference).
 
+Rows: connection layers (spike or real input), neurons, attention products, and the work outside
+the synapses that the counting pass finds without naming a model family: residual adds (spike +
+spike event by event, or a real membrane shortcut), pooling (max / average modules and the heads'
+token means) and BatchNorms that cannot fold into a layer. On the ANN side a residual add is n
+accumulator adds, pooling runs on reals, every BN folds, and a linear conv chain with a
+``merged_conv()`` view (SDT v2's RepConv / SepConv) is the one k×k conv it re-parameterises into.
 The formulas per row type are in docs/energy.md ("The memory-aware model").
 """
 
