@@ -338,3 +338,22 @@ def test_bad_bn_option_is_one_line():
         ma.profile("mem45-int8", bn="sometimes")
     assert ma.profile("mem45-int8", e_add_v=None).add_v == ma.PROFILES["mem45-int8"].e_ac
     assert ma.profile("mem45-int8", e_add_v=0.0).add_v == 0.0
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_converted_ecmt_vit_has_its_two_shortcuts_per_block_and_no_others(batch):
+    """The timm ViT block's x + attn(…) and x + mlp(…), once per step; the position embedding (a
+    parameter, the same shape as the tokens at batch 1), the expectation-compensation sums and the
+    readout's running total are not shortcuts."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from spikeformers.models import ecmt
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=4).eval()
+    snn = ecmt.convert(vit, ecmt.calibrate(vit, [torch.randn(4, 3, 32, 32)]))
+    snn.T = 3
+    counts = collect(snn, [torch.randn(batch, 3, 32, 32)])
+    adds = [r for r in counts.rows if isinstance(r, ResidualCounts)]
+    assert sorted(r.name for r in adds) == [f"model.blocks.{i}.add{j}" for i in range(2) for j in range(2)]
+    assert all(r.input_type == "real" and r.steps == 3 and r.n == 17 * 32 for r in adds)  # 16 patches + cls
