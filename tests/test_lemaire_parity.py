@@ -130,9 +130,6 @@ def test_spikingjelly_prices_a_batch_as_one_sample_with_batch_sized_membrane_buf
     assert batch.total_pj / B > snn["total_pJ"]
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
-    "SpikingJelly's multi-step layer.Conv2d is a subclass of nn.Conv2d; train/neurobench.py's _binary_sum "
-    "looks the conv function up by exact type (_CONV_FN[type(module)]) and raises KeyError"))
 def test_conv_network_per_sample_parity_at_batch_3_and_4_steps():
     net = conv_net()
     x = (torch.rand(4, 3, 2, 8, 8, generator=torch.Generator().manual_seed(0)) < 0.3).float()
@@ -153,9 +150,6 @@ def test_real_valued_input_sits_in_a_buffer_of_all_steps_in_spikingjelly():
         assert_same_terms(snn, mean, bias_adds=T * 6 * E_ADD)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SpikingJelly counts a real-valued conv as dense_weight_uses = out.numel()·C_in/g·k (every tap, the zero "
-    "padding included); the lemaire profile prices NeuroBench's Dense, which skips the padding"))
 def test_real_valued_padded_conv_counts_every_tap():
     net = conv_net(step_mode="s")  # one step: nn.Conv2d and single-step neurons
     x = torch.rand(1, 2, 8, 8, generator=torch.Generator().manual_seed(0))

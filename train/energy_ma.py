@@ -279,6 +279,8 @@ def _connection(row: ConnectionCounts, p: Profile, per, first_real: bool) -> Pri
         return out
     # real-valued input: dense MACs, rate-independent
     out.role = "first" if first_real else "real"
+    if p.counts == "lemaire":  # Lemaire et al. 2022 as SpikingJelly counts a dense layer: every tap, the zero padding too
+        d1 = row.n_out * row.fan_in
     mode = p.first_layer
     if mode == "auto":
         mode = "once_cached" if (row.static_input and T > 1) else "executed"

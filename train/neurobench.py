@@ -307,7 +307,7 @@ def _binary_sum(module: nn.Module, x: torch.Tensor, w: torch.Tensor) -> float:
     if isinstance(module, nn.Linear):
         rows = x.reshape(-1, module.in_features).double().sum(0)  # [in]
         return float(rows @ w.double().sum(0))                      # Σ_i Σ_rows x_i · Σ_o w_oi
-    fn = _CONV_FN[type(module)]
+    fn = next(f for cls, f in _CONV_FN.items() if isinstance(module, cls))  # subclasses too (SpikingJelly's layer.Conv2d)
     out = fn(_conv_images(module, x).float(), w.float(), None, module.stride, module.padding, module.dilation, module.groups)
     return float(out.sum(dtype=torch.float64))
 
