@@ -12,7 +12,11 @@ Execution is time-major (all blocks of t, then t + 1), because under reading A t
 depends on (L, t − 1); so every LIF runs one step at a time with explicit state
 (:meth:`LIF.step`, bit-identical to the multi-step neuron). Halted tokens are masked after every
 LIF and on the residual update, and their LIF state is frozen, so (eval mode) masking equals
-running only the active tokens: at batch 1 the model gathers them and compute really shrinks.
+running only the active tokens: at batch 1 the model gathers them and compute really shrinks; in a
+batch, the eval pass runs the Linear and 1×1 conv layers on the active rows. What each step
+computed is handed to analysis hooks (firing rates, energy): the neurons report their computed
+rows and membranes (``step_membrane``), the layers and attention modules the active tokens
+(``step_tokens``), so the energy analysis counts only the tokens processed.
 With halting off and r = 0 the model *is* its backbone: the forward is the base class's
 (Spikformer or SDT), bit for bit.
 
@@ -341,11 +345,13 @@ def _linear_bn(linear, bn: nn.Module, x: torch.Tensor, run: _Pass, active: torch
         # eval, masked: the layer runs on the active rows only (a halted row's output is never
         # read), so that it computes, and analysis hooks count, the tokens actually processed
         rows = x[active][None]  # [1, K, C_in]
-        out = linear(rows)[0] if rows.shape[1] else rows.new_zeros((0, _out_width(linear)))
+        out = _on_rows(linear, rows, active)[0] if rows.shape[1] else rows.new_zeros((0, _out_width(linear)))
         y = out.new_zeros((*x.shape[:-1], out.shape[-1]))
         y[active] = out
     elif not bn.training and x.numel() == 0:  # gathered, no token running: nothing to compute
         y = x.new_zeros((*x.shape[:-1], _out_width(linear)))
+    elif run.gather:
+        y = _on_rows(linear, x, active)
     else:
         y = linear(x)
     if not bn.training or run.bn_stats == "plain" or run.gather:
@@ -372,10 +378,26 @@ def _linear_bn(linear, bn: nn.Module, x: torch.Tensor, run: _Pass, active: torch
     return ((yf - mean) * torch.rsqrt(var + bn.eps) * bn.weight + bn.bias).to(y.dtype)
 
 
+def _layer_of(linear) -> nn.Module:
+    """The module behind a Linear, or the 1×1 conv in ``partial(_token_conv, conv)``."""
+    return linear.args[0] if isinstance(linear, partial) else linear
+
+
 def _out_width(linear) -> int:
-    """Output channels of a Linear, or of the 1×1 conv in ``partial(_token_conv, conv)``."""
-    layer = linear.args[0] if isinstance(linear, partial) else linear
+    layer = _layer_of(linear)
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def _on_rows(linear, rows: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """``linear`` on the computed rows [1, K, C_in] of one time step. For analysis hooks, the layer
+    carries ``step_tokens`` = ``active`` [B, n] during the call: the rows are the tokens
+    ``active.nonzero()`` of B samples with n token slots each."""
+    layer = _layer_of(linear)
+    layer.step_tokens = active
+    try:
+        return linear(rows)
+    finally:
+        del layer.step_tokens
 
 
 def _rows(active: torch.Tensor, gather: bool) -> torch.Tensor | None:

@@ -161,3 +161,24 @@ def test_more_halting_strictly_lowers_every_count():
                      analyze(model, [x]).total_energy_mJ))
     for fewer, more in zip(seen[1:], seen):
         assert all(f < m for f, m in zip(fewer, more)), (fewer, more)
+
+
+def test_layers_see_only_the_running_rows_and_where_they_sit():
+    """A hook on a Linear sees one call per step on the rows of the running tokens, [1, K, C_in],
+    with ``step_tokens`` [B, n] saying which tokens they are (K = its count)."""
+    model, _ = make()
+    halted = torch.zeros(2, N, dtype=torch.bool)
+    halted[0, :10], halted[1, :20] = True, True
+    force_halting(model, halted)
+    seen = []
+
+    def hook(module, args, out):
+        tokens = getattr(module, "step_tokens", None)
+        seen.append((tuple(args[0].shape), None if tokens is None else (tuple(tokens.shape), int(tokens.sum()))))
+
+    handle = model.block[1].mlp.fc2_linear.register_forward_hook(hook)
+    with torch.no_grad():
+        model(images(2))
+    handle.remove()
+    assert seen[0] == ((2, N, HIDDEN), None)  # t = 0: every token runs, one call on [B, n, C]
+    assert seen[1:] == [((1, 98, HIDDEN), ((2, N), 98))] * (T - 1)  # 54 + 44 running tokens
