@@ -105,3 +105,44 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def eager_lif():
+    """The eager LIF loops for a whole test module (tiny inputs: faster than compiling them, the same
+    results). Use with ``pytestmark = pytest.mark.usefixtures("eager_lif")``."""
+    import os
+
+    before = os.environ.get("SPIKEFORMERS_LIF_COMPILE")
+    os.environ["SPIKEFORMERS_LIF_COMPILE"] = "0"
+    yield
+    if before is None:
+        del os.environ["SPIKEFORMERS_LIF_COMPILE"]
+    else:
+        os.environ["SPIKEFORMERS_LIF_COMPILE"] = before
+
+
+def _analysable_zoo_model(name: str):
+    """A registered tiny model ready for the energy and NeuroBench counters: T = 2, every BN bias 1
+    (enough firing in eval mode for every path to carry spikes); an ANN (``qcfs_*``) is converted
+    to its SNN. Returns (model, input channels)."""
+    import timm
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.bias.data.fill_(1.0)
+    if name.startswith("qcfs_"):
+        from spikeformers.models.qcfs import to_snn
+
+        return to_snn(model, T=2), model.pretrained_cfg["input_size"][0]
+    model.T = 2
+    return model, model.in_chans
+
+
+@pytest.fixture(scope="session")
+def zoo_model():
+    """``zoo_model(name)`` -> (model, input channels): see :func:`_analysable_zoo_model`."""
+    return _analysable_zoo_model

@@ -24,17 +24,7 @@ FLAT = ma.Profile("flat-test", e_ac=0.1, e_mac_real=3.2, e_mul_v=3.1, e_leak=3.2
                   memory="flat", mem_flat_pj_per_bit=0.05, first_layer="executed", ann=(("int8", ma.AnnCost(8, 8, 3.2, 0.1)),))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def eager_lif():
-    import os
-
-    before = os.environ.get("SPIKEFORMERS_LIF_COMPILE")
-    os.environ["SPIKEFORMERS_LIF_COMPILE"] = "0"
-    yield
-    if before is None:
-        del os.environ["SPIKEFORMERS_LIF_COMPILE"]
-    else:
-        os.environ["SPIKEFORMERS_LIF_COMPILE"] = before
+pytestmark = pytest.mark.usefixtures("eager_lif")  # conftest.py: eager LIF loops for tiny inputs
 
 
 def _spikes() -> torch.Tensor:

@@ -20,18 +20,7 @@ from spikeformers.train.energy import EnergyConfig, analyze, analyze_v2
 from spikeformers.train.energy_hw import hardware_report
 from spikeformers.train.neurobench import collect, neurobench_metrics
 
-@pytest.fixture(autouse=True, scope="module")
-def eager_lif():
-    """Tiny inputs: the eager LIF loop is faster than compiling it (same results)."""
-    import os
-
-    before = os.environ.get("SPIKEFORMERS_LIF_COMPILE")
-    os.environ["SPIKEFORMERS_LIF_COMPILE"] = "0"
-    yield
-    if before is None:
-        del os.environ["SPIKEFORMERS_LIF_COMPILE"]
-    else:
-        os.environ["SPIKEFORMERS_LIF_COMPILE"] = before
+pytestmark = pytest.mark.usefixtures("eager_lif")  # conftest.py: eager LIF loops for tiny inputs
 
 
 # --- T1: the toy network ------------------------------------------------------------------------
@@ -294,27 +283,13 @@ OURS = sorted(n for n in timm.list_models() if timm.models.model_entrypoint(n)._
 ZOO = [n for n in OURS if n.endswith("_tiny")]
 
 
-def _zoo_model(name):
-    torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=5)
-    for m in model.modules():  # BN bias 1: enough firing in eval mode for every path to carry spikes
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.bias.data.fill_(1.0)
-    if name.startswith("qcfs_"):  # an ANN: analyse its converted SNN
-        from spikeformers.models.qcfs import to_snn
-
-        return to_snn(model, T=2), model.pretrained_cfg["input_size"][0]
-    model.T = 2
-    return model, model.in_chans
-
-
 def _images(channels, n, seed=0):
     return torch.rand(n, channels, 32, 32, generator=torch.Generator().manual_seed(seed)) * 3
 
 
 @pytest.fixture(scope="module", params=ZOO)
-def zoo(request):
-    model, channels = _zoo_model(request.param)
+def zoo(request, zoo_model):
+    model, channels = zoo_model(request.param)
     x = _images(channels, 2)
     return request.param, model, x, collect(model, [x]), analyze(model, [x])
 

@@ -22,7 +22,6 @@ Documented convention differences are tested as such, not skipped:
 
 import contextlib
 import io
-import os
 
 import pytest
 import torch
@@ -34,7 +33,6 @@ if neurobench.__version__ != "2.3.0":
     pytest.skip(f"the metrics follow NeuroBench 2.3.0, found {neurobench.__version__}", allow_module_level=True)
 
 import snntorch  # noqa: E402  (NeuroBench imports it; installed with it)
-import timm  # noqa: E402
 from neurobench.benchmarks import Benchmark  # noqa: E402
 from neurobench.metrics.static import ConnectionSparsity, Footprint, ParameterCount  # noqa: E402
 from neurobench.metrics.workload import (  # noqa: E402
@@ -50,16 +48,7 @@ STATIC = [ParameterCount, Footprint, ConnectionSparsity]
 WORKLOAD = [ActivationSparsity, ActivationSparsityByLayer, SynapticOperations, MembraneUpdates]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def eager_lif():
-    """Tiny inputs: the eager LIF loop is faster than compiling it (same results)."""
-    before = os.environ.get("SPIKEFORMERS_LIF_COMPILE")
-    os.environ["SPIKEFORMERS_LIF_COMPILE"] = "0"
-    yield
-    if before is None:
-        del os.environ["SPIKEFORMERS_LIF_COMPILE"]
-    else:
-        os.environ["SPIKEFORMERS_LIF_COMPILE"] = before
+pytestmark = pytest.mark.usefixtures("eager_lif")  # conftest.py: eager LIF loops for tiny inputs
 
 
 def run_neurobench(wrapped, x: torch.Tensor, batch_size: int, workload=WORKLOAD, static=STATIC) -> dict:
@@ -236,20 +225,6 @@ ZOO = ["spikformer_tiny", "sdt_tiny", "sdtv2_tiny", "sdtv3_tiny", "spikingformer
        "atsnn_spikformer_tiny", "atsnn_sdt_tiny", "qcfs_vgg_tiny"]
 
 
-def _zoo_model(name):
-    torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=5)
-    for m in model.modules():  # BN bias 1: enough firing in eval mode for every path to carry spikes
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.bias.data.fill_(1.0)
-    if name.startswith("qcfs_"):  # an ANN: analyse its converted SNN
-        from spikeformers.models.qcfs import to_snn
-
-        return to_snn(model, T=2), model.pretrained_cfg["input_size"][0]
-    model.T = 2
-    return model, model.in_chans
-
-
 def assert_same_as_neurobench(model, x: torch.Tensor) -> dict:
     """Ours and NeuroBench's on ``x`` in two batches; our neuron classes registered as activations.
     Returns NeuroBench's results."""
@@ -272,8 +247,8 @@ def assert_same_as_neurobench(model, x: torch.Tensor) -> dict:
 
 
 @pytest.mark.parametrize("name", ZOO)
-def test_tiny_model_against_neurobench(name):
-    model, channels = _zoo_model(name)
+def test_tiny_model_against_neurobench(name, zoo_model):
+    model, channels = zoo_model(name)
     theirs = assert_same_as_neurobench(model, torch.rand(4, channels, 32, 32, generator=torch.Generator().manual_seed(0)) * 3)
     assert theirs["SynapticOperations"]["Effective_ACs"] > 0 or name.startswith(("qcfs_", "sdtv3_"))  # spikes reached a layer
 
