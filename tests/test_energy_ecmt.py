@@ -15,6 +15,7 @@ from spikeformers.models import ecmt
 from spikeformers.models.sdt_v3 import SpikeCountNeuron
 from spikeformers.models.spike_driven import set_spike_mode
 from spikeformers.train.energy import analyze
+from spikeformers.train import energy_ma as ma
 from spikeformers.train.neurobench import AttentionCounts, collect, neurobench_metrics
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
@@ -94,7 +95,14 @@ def test_collector_counts_the_atneuron_products_as_ecmt_does(levels):
     ext = nb["ext"]["attention_synops"]
     total = sum(ac + mac for ac, mac in expected.values())
     assert ext["Effective_MACs"] + ext["Effective_ACs"] == total / B
+    assert ext["Effective_MACs"] == sum(mac for _, mac in expected.values()) / B  # graded products are MACs
     assert ext["Dense"] == 2 * TINY["depth"] * 3 * T * N * N * C
+    # priced: a MAC costs the AC's add plus a multiply at b_v
+    p = ma.PROFILES["mem45-int8"]
+    for name, (ac, mac) in expected.items():
+        priced = ma.price(counts, p)["rows"]
+        row = next(r for r in priced if r["name"] == name)
+        assert row["E_pJ"]["compute"] == pytest.approx((ac + mac) / B * p.e_ac + mac / B * p.e_mul_v, rel=1e-9)
 
 
 def test_legacy_table_counts_the_atneuron_products_as_ecmt_does():

@@ -436,7 +436,7 @@ def _attention(row: AttentionCounts, p: Profile, per) -> Priced:
                  {"Z": z_a, "S_eff": s, "S_fan": s, "D": per(row.dense), "N_spk": None})
     full = T * N * D  # operand events at rate 1
 
-    def fill(target_lin, target_quad, s, z_a, z_b):
+    def fill(target_lin, target_quad, s, z_a, z_b, macs=0.0):  # macs: the part of s with graded operands
         if row.product in ("q_sum",):
             target_lin["compute"] = s * p.e_ac
             target_lin["io"] = z_a * p.bits_e * p.m(c_e)
@@ -457,13 +457,15 @@ def _attention(row: AttentionCounts, p: Profile, per) -> Priced:
         else:                      # q_kv: each Q event reads a KᵀV row (d words)
             read = z_a * d * p.bits_v * p.m(h * d * d * p.bits_v / 8)
             c_acc = N * d * p.bits_v / 8
-        target_quad["compute"] = s * p.e_ac
+        target_quad["compute"] = s * p.e_ac + macs * p.e_mul_v  # a MAC is a multiply more than an AC
         target_quad["membrane"] = 2 * s * p.bits_v * p.m(c_acc)
         target_lin["weights"] = read
         target_lin["io"] = z_a * p.bits_e * p.m(c_e)
 
-    fill(out.lin, out.quad, s, z_a, z_b)
-    fill(out.lin1, out.quad1, per(row.dense), full if row.product != "sdsa_sum" else 2 * full, full)
+    mac_share = row.s_macs / row.s if row.s else 0.0  # ECMT's products: graded scores are MACs
+    fill(out.lin, out.quad, s, z_a, z_b, per(row.s_macs))
+    fill(out.lin1, out.quad1, per(row.dense), full if row.product != "sdsa_sum" else 2 * full, full,
+         per(row.dense) * mac_share)
     return out
 
 

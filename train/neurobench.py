@@ -31,7 +31,10 @@ How a model is read: connection layers and activations are found by type; a neur
 declares ``neuron_model`` (``"if"``: integrate-and-fire with soft reset by its ``threshold``, input
 ``[T·B, …]`` with T in ``module.T``; ``"multi_threshold"``: one call per time step, the membrane
 kept in ``module.v``); attention modules declare ``attention_product`` (see
-docs/architecture.md). Layer input types (binary / integer / amplitude / real) are read from the
+docs/architecture.md), a stateful product module ``attention_product = "at_neuron"`` (ECMT's
+AtNeuron). A neuron driven step by step outside its forward (AT-SNN) reports its computed rows with
+``module.step_membrane = (v_before, v_after, neurons per sample)``, and a layer or attention module
+called on a subset of tokens carries ``step_tokens`` [B, n]. Layer input types (binary / integer / amplitude / real) are read from the
 values each layer actually receives.
 
 Beyond NeuroBench (which counts none of them), the pass also records what the memory-aware model
@@ -183,6 +186,7 @@ class AttentionCounts:
     dense: float = 0.0
     z_a: float = 0.0
     z_b: float = 0.0
+    s_macs: float = 0.0  # the part of ``s`` with no spike-valued operand (ECMT's graded products): MACs
 
 
 @dataclass
@@ -556,6 +560,10 @@ class _Collector:
                                                            module.weight.numel(), own_bias, own_bias))
             out_view, _ = _layout(out.detach(), self.T, self.B)
             row.n_in, row.n_out, row.steps = view.shape[-1], out_view.shape[-1], _steps(row, self.batch, steps)
+            tokens = getattr(module, "step_tokens", None)  # a step on the running rows only: [1, K, C] of [B, n] slots
+            if tokens is not None:
+                k = max(int(tokens.sum()), 1)
+                row.n_in, row.n_out = x.numel() // k * tokens.shape[1], out.numel() // k * tokens.shape[1]
             value_type = _value_type(x)
             row.types.add(value_type)
             if steps > 1 and not bool((view == view[:1]).all()):
@@ -639,7 +647,7 @@ class _Collector:
             row.steps_in_batch += 1
             row.steps = row.steps_in_batch
             row.s += sum(s for s, _ in ops)
-            row.s_macs = getattr(row, "s_macs", 0.0) + sum(s for s, ac in ops if not ac)
+            row.s_macs += sum(s for s, ac in ops if not ac)
             row.dense += 3.0 * a.numel() * b.shape[-1]
             row.z_a += float((a != 0).sum())
             row.z_b += float((b != 0).sum())
@@ -939,8 +947,9 @@ def neurobench_metrics(model: nn.Module, counts: Counts) -> dict:
                            "Effective_ACs": None, "Dense": None, "sparsity": 1 - r.spikes / max(r.outputs, 1),
                            "membrane_updates": per(r.updates) if r.spiking else None})
         elif isinstance(r, AttentionCounts):  # residual adds, pooling and BN are not NeuroBench layers
-            layers.append({"name": r.name, "kind": "attention", "call_type": "AC", "Effective_MACs": 0.0,
-                           "Effective_ACs": per(r.s), "Dense": per(r.dense), "sparsity": None, "membrane_updates": None})
+            layers.append({"name": r.name, "kind": "attention", "call_type": "MAC" if r.s_macs else "AC",
+                           "Effective_MACs": per(r.s_macs), "Effective_ACs": per(r.s - r.s_macs), "Dense": per(r.dense),
+                           "sparsity": None, "membrane_updates": None})
     return {
         "version_reference": NEUROBENCH_VERSION,
         "ParameterCount": static["ParameterCount"],
@@ -957,7 +966,8 @@ def neurobench_metrics(model: nn.Module, counts: Counts) -> dict:
                              if lif_only else None),
         "ext": {
             "MembraneUpdates_dense": sum(r.n * r.steps for r in spiking),
-            "attention_synops": {"Effective_MACs": 0.0, "Effective_ACs": per(sum(r.s for r in attention)),
+            "attention_synops": {"Effective_MACs": per(sum(r.s_macs for r in attention)),
+                                 "Effective_ACs": per(sum(r.s - r.s_macs for r in attention)),
                                  "Dense": per(sum(r.dense for r in attention))},
             "effective_acs_amplitude": per(sum(r.effective_amplitude_acs for r in conns)),
             "connection_sparsity_exact": static["connection_sparsity_exact"],
