@@ -172,3 +172,43 @@ def test_integer_mode_sops_equal_binary_mode_sops():
         assert r.unit == by_name[r.name].unit, r.name
     assert integer.total_energy_mJ == pytest.approx(binary.total_energy_mJ, rel=1e-9)
     assert integer.ann_energy_mJ == pytest.approx(binary.ann_energy_mJ, rel=1e-12)
+
+
+def test_memory_aware_counts_of_integer_counts_by_hand():
+    """The v2 counter reads S/D from a spike-count neuron as S spikes: S = [4, 0, 2] (D = 4) into
+    Linear(3, 2) gives Z = Σ S = 6 input events and S_eff = 12 (6 spikes × 2 outputs), the neuron
+    row 6 events of at most 4 per neuron and step; the NeuroBench keys read the values as they are
+    (S/D = [1, 0, 0.5] is not in {−1, 0, 1}: 4 effective MACs)."""
+    net = CountThenLinear(SpikeCountNeuron(max_spike_count=4), nn.Linear(3, 2)).eval()
+    x = torch.tensor([[4.0, 0.0, 2.0]])
+    counts = collect(net, [x], T=1)
+    neuron = next(r for r in counts.rows if r.name == "0")
+    linear = next(r for r in counts.rows if r.name == "1")
+    assert neuron.events == 6 and neuron.levels == 4 and neuron.spikes == 2
+    assert linear.input_type == "integer" and linear.z_sum == 6 and linear.s_eff_sum == 12
+    assert linear.effective_macs == 4 and linear.effective_acs == 0
+    p = ma.PROFILES["mem45-int8"]
+    rows = {r["name"]: r for r in ma.price(counts, p)["rows"]}
+    assert rows["1"]["E_pJ"]["compute"] == pytest.approx(12 * p.e_ac, rel=1e-12)
+    assert rows["0"]["E_pJ"]["io"] == pytest.approx(6 * p.bits_e * p.m(p.fifo_entries * p.bits_e / 8), rel=1e-12)
+
+
+def test_memory_aware_synaptic_events_equal_in_integer_and_binary_mode():
+    torch.manual_seed(0)
+    model = lively(timm.create_model("sdtv3_tiny", num_classes=10).eval())
+    x = torch.randn(2, 1, 32, 32)
+    integer = collect(model, [x])
+    set_spike_mode(model, "binary")
+    try:
+        binary = collect(model, [x])
+    finally:
+        set_spike_mode(model, "integer")
+    from spikeformers.train.neurobench import ConnectionCounts
+
+    ints = {r.name: r for r in integer.rows if isinstance(r, ConnectionCounts)}
+    bins = {r.name: r for r in binary.rows if isinstance(r, ConnectionCounts)}
+    fed = [n for n, r in ints.items() if r.input_type in ("integer", "binary")]
+    assert len(fed) > 5
+    for n in fed:  # Σ S over the entries = Σ over the D binary planes, event for event
+        assert ints[n].z_sum == bins[n].z_sum, n
+        assert ints[n].s_eff_sum == pytest.approx(bins[n].s_eff_sum, rel=1e-12), n

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from spikeformers.train.neurobench import spike_count_unit, tag_spike_counts
 
 __all__ = ["EnergyConfig", "LayerRecord", "EnergyReport", "analyze", "analyze_v2", "v2_tables", "layer_flops",
            "attention_energy_ratio", "main"]
@@ -199,7 +200,7 @@ class _Recorder:
             elif getattr(m, "neuron_model", None) == "count":
                 # integer spike-count neurons: their output S/n is tagged, as spike-driven mode does,
                 # so that the layers it reaches count Σ S spikes over D virtual steps
-                self.hooks.append(m.register_forward_hook(_tag_counts))
+                self.hooks.append(m.register_forward_hook(tag_spike_counts))
 
     def _model_input(self, model, args):
         x = args[0]
@@ -239,7 +240,7 @@ class _Recorder:
         def hook(module, args, out):
             x = args[0].detach()
             view, steps, shape = _per_step(x, self.T, self.B)
-            per_unit = _spike_count_unit(args[0])
+            per_unit = spike_count_unit(args[0])
             if per_unit is not None:  # integer counts S/n: S spikes per entry (S binary events over
                 # the D virtual steps, as spike-driven mode runs them), whatever integer_inputs says
                 view = torch.round(view.double() * per_unit)
@@ -358,23 +359,6 @@ class _Recorder:
     def remove(self):
         for h in self.hooks:
             h.remove()
-
-
-def _tag_counts(module: nn.Module, args, out):
-    """Forward hook of an integer spike-count neuron: its output S/n tagged with n and D (values
-    and graph unchanged), as spike-driven mode tags it, so the analysis sees where counts go."""
-    from spikeformers.models.spike_driven import SpikeCounts
-
-    if module.training or not isinstance(out, torch.Tensor) or isinstance(out, SpikeCounts):
-        return None
-    d = module.max_spike_count
-    return SpikeCounts.tag(out, d if module.normalize else 1, d)
-
-
-def _spike_count_unit(x) -> int | None:
-    """n of a tagged spike-count input S/n (D for hidden neurons, 1 for a raw-count head), else None."""
-    per_unit = getattr(x, "per_unit", None)
-    return per_unit if isinstance(per_unit, int) and isinstance(getattr(x, "max_spike_count", None), int) else None
 
 
 def _merged_chains(model: nn.Module) -> dict[str, tuple[tuple[int, int, int], list[str]]]:

@@ -411,13 +411,19 @@ def _norm(row: NormCounts, p: Profile, per) -> Priced:
 
 
 def _neuron(row: NeuronCounts, p: Profile, per) -> Priced:
-    T, n = row.steps, row.n
-    spikes = per(row.spikes)
-    out = Priced(row.name, "neuron", row.model, T, spikes / (T * n) if n else 0.0,
+    T, n, levels = row.steps, row.n, row.levels
+    spikes = per(row.spikes if row.events is None else row.events)
+    out = Priced(row.name, "neuron", row.model, T, spikes / (T * n * levels) if n else 0.0,
                  {"Z": None, "S_eff": None, "S_fan": None, "D": None, "N_spk": spikes})
+    c_v, c_e = n * p.bits_v / 8, p.fifo_entries * p.bits_e / 8
+    if row.model == "count":  # a stateless spike-count neuron (E-SpikeFormer's I-LIF at inference):
+        # no membrane kept between steps; each of its S ≤ D spikes is written as an event (its
+        # rounding is a threshold compare, not charged, as for every neuron here)
+        for target, s in ((out.lin, spikes), (out.lin1, T * n * levels)):
+            target["io"] = s * p.bits_e * p.m(c_e)
+        return out
     if not row.spiking:  # ReLU / Sigmoid of a hybrid network: not priced (as the ANN's ReLU)
         return out
-    c_v, c_e = n * p.bits_v / 8, p.fifo_entries * p.bits_e / 8
     out.const["membrane"] = 2 * T * n * p.bits_v * p.m(c_v)
     if row.model == "lif":
         out.const["compute"] = T * n * p.e_leak

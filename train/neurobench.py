@@ -158,16 +158,18 @@ class ConnectionCounts:
 @dataclass
 class NeuronCounts:
     name: str
-    model: str          # lif / if / relu / sigmoid
+    model: str          # lif / if / multi_threshold / count / relu / sigmoid
     n: int = 0          # neurons per sample and step
     steps: int = 1
     samples: int = 0
-    spikes: float = 0.0
+    spikes: float = 0.0  # non-zero outputs (NeuroBench's activations)
     outputs: float = 0.0
     updates: float = 0.0
     spiking: bool = True
     batch: int = -1
     steps_in_batch: int = 0
+    events: float | None = None  # spikes emitted, Σ S for a spike-count neuron; None: ``spikes``
+    levels: int = 1              # the most spikes a neuron emits per step (D of a spike-count neuron)
 
 
 @dataclass
@@ -351,6 +353,8 @@ class _Collector:
             elif _neuron_model(m):
                 self.hooks.append(m.register_forward_pre_hook(self._quiet(self._keep_input)))
                 self.hooks.append(m.register_forward_hook(self._quiet(self._neuron(name, _neuron_model(m)))))
+                if getattr(m, "neuron_model", None) == "count":  # the layers it feeds count Σ S spikes
+                    self.hooks.append(m.register_forward_hook(tag_spike_counts))
             elif getattr(m, "attention_product", None):
                 kind = m.attention_product
                 parts = ("q_lif", "k_lif", "attn_lif") if kind == "qk_token" else ("q_lif", "k_lif", "v_lif")
@@ -564,8 +568,12 @@ class _Collector:
             if tokens is not None:
                 k = max(int(tokens.sum()), 1)
                 row.n_in, row.n_out = x.numel() // k * tokens.shape[1], out.numel() // k * tokens.shape[1]
-            value_type = _value_type(x)
-            row.types.add(value_type)
+            value_type = event_type = _value_type(x)  # NeuroBench's reading of the values as they are
+            unit = spike_count_unit(x)
+            if unit is not None:  # S/n from a spike-count neuron: S spikes per entry (E-SpikeFormer)
+                x = (x.plain().detach() * unit).round()
+                event_type = "integer" if float(x.max()) > 1 else "binary"
+            row.types.add(event_type)
             if steps > 1 and not bool((view == view[:1]).all()):
                 row.static_input = False
             xd = x.double()
@@ -593,7 +601,7 @@ class _Collector:
             row.z += float(xb.sum(dtype=torch.float64))
             row.s_eff += eff
             row.s_fan += fan
-            if value_type == "integer":
+            if event_type == "integer":
                 xa = xd.abs()
                 row.z_sum += float(xa.sum())
                 row.s_eff_sum += _binary_sum(module, xa, wb)
@@ -691,6 +699,10 @@ class _Collector:
                 row.n, row.steps = seq[0, 0].numel() if seq.dim() > 2 else seq.shape[-1], seq.shape[0]
                 row.updates += _membrane_updates(module, model_kind, seq)
             row.spikes += float((out != 0).sum())
+            if model_kind == "count":  # S/n out, S spikes each (n = D, or 1 for a raw-count head)
+                unit = module.max_spike_count if module.normalize else 1
+                row.levels = module.max_spike_count
+                row.events = (row.events or 0.0) + float((out.detach().double() * unit).round().sum())
             row.outputs += out.numel()
             row.samples += self.B
         return hook
@@ -975,3 +987,21 @@ def neurobench_metrics(model: nn.Module, counts: Counts) -> dict:
         },
         "layers": layers,
     }
+
+
+def tag_spike_counts(module: nn.Module, args, out):
+    """Forward hook of an integer spike-count neuron (``neuron_model = "count"``): its output S/n
+    tagged with n and D, values and graph unchanged, as spike-driven mode tags it, so the layers the
+    counts reach count S spikes per entry."""
+    from spikeformers.models.spike_driven import SpikeCounts
+
+    if module.training or not isinstance(out, torch.Tensor) or isinstance(out, SpikeCounts):
+        return None
+    d = module.max_spike_count
+    return SpikeCounts.tag(out, d if module.normalize else 1, d)
+
+
+def spike_count_unit(x) -> int | None:
+    """n of a tagged spike-count input S/n (D for hidden neurons, 1 for a raw-count head), else None."""
+    per_unit = getattr(x, "per_unit", None)
+    return per_unit if isinstance(per_unit, int) and isinstance(getattr(x, "max_spike_count", None), int) else None
