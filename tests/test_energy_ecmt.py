@@ -191,6 +191,13 @@ def test_memory_aware_counts_of_integer_counts_by_hand():
     rows = {r["name"]: r for r in ma.price(counts, p)["rows"]}
     assert rows["1"]["E_pJ"]["compute"] == pytest.approx(12 * p.e_ac, rel=1e-12)
     assert rows["0"]["E_pJ"]["io"] == pytest.approx(6 * p.bits_e * p.m(p.fifo_entries * p.bits_e / 8), rel=1e-12)
+    # on a chip the counts arrive as spikes: 12 ACs, no MAC left for the host; 3 neurons × D = 4
+    # virtual steps, plus the 2 outputs
+    from spikeformers.train.energy_hw import hardware_report
+
+    loihi = hardware_report(counts, neurobench_metrics(net, counts))["loihi"]
+    assert "first_layer_macs" not in loihi["unmapped"] and loihi["fits"]["neurons_required"] == 3 + 2
+    assert loihi["energy_pJ"] == pytest.approx(12 * loihi["sop_pJ"] + 3 * 4 * loihi["neuron_pJ"], rel=1e-12)
 
 
 def test_memory_aware_synaptic_events_equal_in_integer_and_binary_mode():

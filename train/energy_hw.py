@@ -113,12 +113,16 @@ def hardware_report(counts: Counts, nb: dict, chips: dict[str, dict] | None = No
     chips = chips or CHIPS
     per = counts.per_sample
     conns = [r for r in counts.rows if isinstance(r, ConnectionCounts)]
-    neurons = [r for r in counts.rows if isinstance(r, NeuronCounts) and r.spiking]
+    # spike-count neurons (E-SpikeFormer) run on a chip as D virtual steps of a spiking neuron
+    neurons = [r for r in counts.rows if isinstance(r, NeuronCounts) and (r.spiking or r.model == "count")]
     has_attention = any(isinstance(r, AttentionCounts) for r in counts.rows)
     has_unfolded_bn = any(isinstance(r, NormCounts) and not r.folded for r in counts.rows)
-    acs = nb["SynapticOperations"]["Effective_ACs"]
-    macs = nb["SynapticOperations"]["Effective_MACs"]
-    neuron_steps = sum(r.n * r.steps for r in neurons)
+    # a layer fed S/n counts is a MAC to NeuroBench (S/n is not in {−1, 0, 1}); on a chip its
+    # input arrives as S spikes, each an accumulate: Σ S-weighted effective ops
+    fed_counts = [r for r in conns if r.count_input]
+    acs = nb["SynapticOperations"]["Effective_ACs"] + sum(per(r.s_eff_sum) for r in fed_counts)
+    macs = max(nb["SynapticOperations"]["Effective_MACs"] - sum(per(r.effective_macs) for r in fed_counts), 0.0)
+    neuron_steps = sum(r.n * r.steps * r.levels for r in neurons)
     neurons_required = sum(r.n for r in neurons) + (conns[-1].n_out if conns else 0)
     unique = sum(r.params for r in conns)
     expanded = sum(per(r.dense) / r.steps for r in conns)

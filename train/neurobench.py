@@ -127,6 +127,7 @@ class ConnectionCounts:
     steps: int = 1
     types: set = field(default_factory=set)
     static_input: bool = True  # every step saw the same input (an image repeated over T)
+    count_input: bool = False  # fed S/n by a spike-count neuron: S spikes per entry (an event-driven chip runs S ACs)
     samples: int = 0
     effective_macs: float = 0.0
     effective_acs: float = 0.0
@@ -573,6 +574,7 @@ class _Collector:
             if unit is not None:  # S/n from a spike-count neuron: S spikes per entry (E-SpikeFormer)
                 x = (x.plain().detach() * unit).round()
                 event_type = "integer" if float(x.max()) > 1 else "binary"
+                row.count_input = True
             row.types.add(event_type)
             if steps > 1 and not bool((view == view[:1]).all()):
                 row.static_input = False
