@@ -115,6 +115,15 @@ def test_spikformer_attention_products_and_integer_inputs():
     assert as_mac.unit == "MAC"
 
 
+def test_cli_takes_the_registered_models_own_T(tmp_path, capsys):
+    # sdtv3_tiny is built for T = 1 (D = 4 levels per step); the training config's T = 4 must not
+    # leak into its analysis, and --T still wins
+    for extra, T in (([], 1), (["--T", "2"], 2)):
+        out = tmp_path / f"e{T}.json"
+        assert main(["sdtv3_tiny.digits", "--n", "4", "--no-v2", "--json", str(out), *extra]) == 0
+        assert json.loads(out.read_text())["T"] == T
+
+
 def test_cli_json_csv_plots(tmp_path, capsys):
     assert main(["sdt_tiny.digits", "--n", "40", "--batch-size", "20", "--json", str(tmp_path / "e.json"),
                  "--csv", str(tmp_path / "e.csv"), "--plots", str(tmp_path / "plots")]) == 0

@@ -828,6 +828,7 @@ def _model_and_data(args):
         model_cfg = compose_config("train", []).model
         model_cfg.name = args.model or "sdt_tiny.digits"
         model_cfg.pretrained = bool(args.pretrained and "." in model_cfg.name)
+        model_cfg.T = None  # the registered model's own T (sdtv3_tiny: 1), not the training config's 4
         data_cfg = None
     if args.data or data_cfg is None:
         data_cfg = compose_config("train", [f"data={args.data or 'digits'}"]).data
