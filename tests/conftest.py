@@ -146,3 +146,25 @@ def _analysable_zoo_model(name: str):
 def zoo_model():
     """``zoo_model(name)`` -> (model, input channels): see :func:`_analysable_zoo_model`."""
     return _analysable_zoo_model
+
+
+def _lively(model: torch.nn.Module, seed: int = 1, qkv_bias: float = 1.0, stream_bias: float = 0.1) -> torch.nn.Module:
+    """BN parameters and statistics under which a random model fires at 64×64 (fresh ones barely
+    do at ≤ 64×64, and attention not at all): BN biases ~0.1 on the stream, ~1 before the q/k/v
+    neurons (so that Q, K and V carry counts ≥ 1 and the attention output fires)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                qkv = any(f".{p}_conv" in name for p in "qkv")
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.3 + (qkv_bias if qkv else stream_bias))
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def lively():
+    """``lively(model, seed=1, qkv_bias=1.0, stream_bias=0.1)``: see :func:`_lively`."""
+    return _lively

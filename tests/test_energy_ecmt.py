@@ -139,21 +139,7 @@ def test_integer_counts_are_counted_as_spikes_by_hand():
     assert binary.sops == pytest.approx(12, rel=1e-6) and binary.steps == 4  # the D planes as virtual steps
 
 
-def lively(model, seed=1):
-    """BN parameters under which a random E-SpikeFormer fires at 32×32, attention included."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, m in model.named_modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                qkv = any(f".{p}_conv" in name for p in "qkv")
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.3 + (1.0 if qkv else 0.1))
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model
-
-
-def test_integer_mode_sops_equal_binary_mode_sops():
+def test_integer_mode_sops_equal_binary_mode_sops(lively):
     torch.manual_seed(0)
     model = lively(timm.create_model("sdtv3_tiny", num_classes=10).eval())
     x = torch.randn(2, 1, 32, 32)
@@ -200,7 +186,7 @@ def test_memory_aware_counts_of_integer_counts_by_hand():
     assert loihi["energy_pJ"] == pytest.approx(12 * loihi["sop_pJ"] + 3 * 4 * loihi["neuron_pJ"], rel=1e-12)
 
 
-def test_memory_aware_synaptic_events_equal_in_integer_and_binary_mode():
+def test_memory_aware_synaptic_events_equal_in_integer_and_binary_mode(lively):
     torch.manual_seed(0)
     model = lively(timm.create_model("sdtv3_tiny", num_classes=10).eval())
     x = torch.randn(2, 1, 32, 32)

@@ -24,22 +24,6 @@ WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 MAX_REL = 1e-9  # float64: max |Δlogit| / max |logit|
 
 
-def lively(model: nn.Module, seed: int = 1, qkv_bias: float = 1.0, stream_bias: float = 0.1) -> nn.Module:
-    """BN parameters and statistics under which a random model fires at 64×64 (fresh ones barely
-    do at ≤ 64×64, and attention not at all): BN biases ~0.1 on the stream, ~1 before the q/k/v
-    neurons (so that Q, K and V carry counts ≥ 1 and the attention output fires)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, m in model.named_modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                qkv = any(f".{p}_conv" in name for p in "qkv")
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.3 + (qkv_bias if qkv else stream_bias))
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model
-
-
 def observe(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
     """One no-grad forward → (output, the integer count S of every SpikeCountNeuron by name, every
     input tensor each nn.Conv*/nn.Linear module is called with by name)."""
@@ -180,7 +164,7 @@ def test_tag_follows_layout_changes_only():
 
 
 @pytest.fixture(scope="module")
-def base_t64():
+def base_t64(lively):
     """sdtv3_imagenet_t in float64, lively BN, a 64×64 batch: (model, x, and the integer network's
     logits, neuron counts and weight-layer inputs)."""
     torch.manual_seed(0)
@@ -210,7 +194,7 @@ def test_base_binary_equals_integer_in_float64(base_t64, monkeypatch):
 
 
 @pytest.mark.parametrize("d", [3, 8])
-def test_other_spike_counts_and_time_steps(d):
+def test_other_spike_counts_and_time_steps(d, lively):
     torch.manual_seed(0)
     model = lively(timm.create_model("sdtv3_imagenet_t", num_classes=10, max_spike_count=d, T=2).double().eval())
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
@@ -221,7 +205,7 @@ def test_other_spike_counts_and_time_steps(d):
     assert binary_event_counts(model)["head"]["events"] > 0
 
 
-def test_no_multi_level_input_in_binary_mode():
+def test_no_multi_level_input_in_binary_mode(lively):
     # every conv/linear of a base model but the stem is fed by a neuron (97 of 98 in each config)
     torch.manual_seed(0)
     model = lively(timm.create_model("sdtv3_imagenet_s", num_classes=10).eval())
@@ -243,7 +227,7 @@ def test_no_multi_level_input_in_binary_mode():
         assert planes.shape[0] == 4 * values.shape[0] or planes.shape[:1] == (4,)
 
 
-def test_float32_difference_is_bounded():
+def test_float32_difference_is_bounded(lively):
     # float32 sums in another order can flip a rounding at a .5 boundary: measured, not required to be 0
     torch.manual_seed(0)
     model = lively(timm.create_model("sdtv3_imagenet_t", num_classes=10).eval())
@@ -290,7 +274,7 @@ def test_gradients_pass_straight_through_in_binary_eval(base_t64):
         assert a.abs().max() > 0 and rel_diff(a, b) <= MAX_REL
 
 
-def test_train_mode_is_the_integer_network():
+def test_train_mode_is_the_integer_network(lively):
     torch.manual_seed(0)
     model = lively(timm.create_model("sdtv3_imagenet_t", num_classes=10, depths=(1, 1)))
     x = torch.randn(2, 3, 32, 32)
@@ -363,7 +347,7 @@ LARGE = {  # config: (weight layers, real-input layers = stem + head + the secon
 @pytest.mark.skipif("sdtv3_imagenet_12_512_kd" not in timm.list_models("sdtv3_*"),
                     reason="the large E-SpikeFormer models are not registered")
 @pytest.mark.parametrize("config", sorted(LARGE))
-def test_large_binary_equals_integer_in_float64(config):
+def test_large_binary_equals_integer_in_float64(config, lively):
     # the large architectures (12 blocks, rep_conv in the 83M one, linear attention Q(KᵀV), head on
     # the real mean, head_kd on counts) at widths (32, 64, 128) for CPU time (the layer structure is
     # the same; the full widths are measured in docs/spike_driven.md); layer scales O(1) so that the
@@ -399,7 +383,7 @@ def test_docs_page_examples_run():
         exec(compile(block, "docs/spike_driven.md", "exec"), {})
 
 
-def test_energy_tool_counts_sops_on_the_binary_path():
+def test_energy_tool_counts_sops_on_the_binary_path(lively):
     # spikeformers-energy on a binary-mode model: every neuron-fed layer is a binary AC layer whose
     # SOPs are the spikes it received × fan-out (= the layer's own counters), and the ANN equivalent
     # (dense MACs of one pass) is the integer network's, not D times it.
