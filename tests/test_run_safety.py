@@ -105,6 +105,7 @@ def run_folder_commands() -> list[str]:
     return [line.split("#")[0].split("||")[0].strip() for line in block.splitlines() if line.strip()]
 
 
+@pytest.mark.slow  # four documented trainings: ~30 s
 def test_documented_run_folder_commands(tmp_path):
     commands = run_folder_commands()
     assert len(commands) == 4 and all(c.startswith("spikeformers-train ") for c in commands)
@@ -282,6 +283,7 @@ def torchrun(run: Path, *overrides: str, cwd: Path, **kwargs):
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
 
 
+@pytest.mark.slow  # two torchrun trainings and a resume: ~30 s
 def test_ddp_resume_keeps_every_ranks_loss_and_ranks_evaluate_one_model(tmp_path):
     ref = tmp_path / "ref"
     done = torchrun(ref, cwd=tmp_path)

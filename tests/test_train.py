@@ -200,6 +200,7 @@ def _final_weights(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
 
 
+@pytest.mark.slow  # three trainings, one killed: ~26 s
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     args = ["spikeformers.train.main", "model.args={embed_dim: 16}", "trainer.max_steps_per_epoch=6", "trainer.epochs=3",
             "trainer.save_every_steps=1", "data.eval_batch_size=360"]
