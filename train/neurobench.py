@@ -192,30 +192,37 @@ class AttentionCounts:
     s_macs: float = 0.0  # the part of ``s`` with no spike-valued operand (ECMT's graded products): MACs
 
 
-@dataclass
-class ResidualCounts:
-    """One residual add ``a + b`` a block executes, summed over calls: ``n`` elements per sample and
-    step, ``z_a``/``z_b`` the non-zero entries of the operands, ``types`` their value types."""
+@dataclass(kw_only=True)
+class _OpTally:
+    """What every row outside the synapses keeps: steps per sample in a batch, samples, and the
+    value types of its inputs (binary / integer / amplitude / real), read from the values seen."""
 
-    name: str
-    n: int = 0
     steps: int = 1
     samples: int = 0
     types: set = field(default_factory=set)
-    z_a: float = 0.0
-    z_b: float = 0.0
     batch: int = -1
     steps_in_batch: int = 0
 
     @property
     def input_type(self) -> str:
-        """"real" if either operand is real (a membrane shortcut), else "spikes" (spike or integer
-        spike-count tensors, added event by event)."""
+        """"real" if any input was real (a membrane shortcut, a real map), else "spikes" (spike or
+        integer spike-count tensors, taken event by event)."""
         return "real" if "real" in self.types else "spikes"
 
 
 @dataclass
-class PoolCounts:
+class ResidualCounts(_OpTally):
+    """One residual add ``a + b`` a block executes, summed over calls: ``n`` elements per sample and
+    step, ``z_a``/``z_b`` the non-zero entries of the operands, ``types`` their value types."""
+
+    name: str
+    n: int = 0
+    z_a: float = 0.0
+    z_b: float = 0.0
+
+
+@dataclass
+class PoolCounts(_OpTally):
     """One pooling: ``op`` avg / max / mean (a token or spatial average in a forward, e.g. a
     classifier head's), ``window`` inputs per output, ``z``/``z_out`` non-zero inputs/outputs."""
 
@@ -224,21 +231,12 @@ class PoolCounts:
     window: int = 1
     n_in: int = 0
     n_out: int = 0
-    steps: int = 1
-    samples: int = 0
-    types: set = field(default_factory=set)
     z: float = 0.0
     z_out: float = 0.0
-    batch: int = -1
-    steps_in_batch: int = 0
-
-    @property
-    def input_type(self) -> str:
-        return "real" if "real" in self.types else "spikes"
 
 
 @dataclass
-class NormCounts:
+class NormCounts(_OpTally):
     """One BatchNorm: ``folded`` into connection layer ``into`` (its output read directly), else
     unfolded (applied to spikes or after a nonlinearity): a multiply-add per element at inference."""
 
@@ -247,11 +245,6 @@ class NormCounts:
     folded: bool
     into: str | None = None
     n: int = 0
-    steps: int = 1
-    samples: int = 0
-    types: set = field(default_factory=set)
-    batch: int = -1
-    steps_in_batch: int = 0
 
     @property
     def input_type(self) -> str:
