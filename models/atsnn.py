@@ -296,18 +296,20 @@ def _report(lif: LIF, inp: torch.Tensor, spikes: torch.Tensor, v_before: torch.T
     (NeuroBench's membrane updates) from the rows alone."""
     lif.step_membrane = (v_before.detach(), v_after.detach(), neurons)
     try:
-        for hook_id, hook in list(lif._forward_pre_hooks.items()):
-            if hook_id in lif._forward_pre_hooks_with_kwargs:
-                hook(lif, (inp,), {})
-            else:
-                hook(lif, (inp,))
-        for hook_id, hook in list(lif._forward_hooks.items()):
-            if hook_id in lif._forward_hooks_with_kwargs:
-                hook(lif, (inp,), {}, spikes)
-            else:
-                hook(lif, (inp,), spikes)
+        _run_hooks(lif._forward_pre_hooks, lif._forward_pre_hooks_with_kwargs, lif, (inp,))
+        _run_hooks(lif._forward_hooks, lif._forward_hooks_with_kwargs, lif, (inp,), spikes)
     finally:
         del lif.step_membrane
+
+
+def _run_hooks(hooks: dict, with_kwargs: dict, module: nn.Module, args: tuple, *out) -> None:
+    """Call ``module``'s registered forward (pre-)hooks as its ``__call__`` would, with ``args``
+    (and ``out`` for forward hooks), for a call the step-wise pass made without ``__call__``."""
+    for hook_id, hook in list(hooks.items()):
+        if hook_id in with_kwargs:
+            hook(module, args, {}, *out)
+        else:
+            hook(module, args, *out)
 
 
 def _report_attention(attn: nn.Module, active: torch.Tensor) -> None:
@@ -319,11 +321,7 @@ def _report_attention(attn: nn.Module, active: torch.Tensor) -> None:
         return
     attn.step_tokens = active
     try:
-        for hook_id, hook in list(attn._forward_hooks.items()):
-            if hook_id in attn._forward_hooks_with_kwargs:
-                hook(attn, (), {}, None)
-            else:
-                hook(attn, (), None)
+        _run_hooks(attn._forward_hooks, attn._forward_hooks_with_kwargs, attn, (), None)
     finally:
         del attn.step_tokens
 

@@ -128,15 +128,17 @@ def linear_ops(x: torch.Tensor, out_features: int) -> tuple[int, int]:
     return int(torch.count_nonzero(x)) * out_features, x.numel() * out_features
 
 
+def binary_product_ops(x: torch.Tensor, y: torch.Tensor) -> int:
+    """Σ over all entries of 1[x≠0] @ 1[y≠0] for x [..., N, d], y [..., d, M]: the accumulates of
+    the binarised matrix product, Σ_k colsum_k(1[x≠0]) · rowsum_k(1[y≠0])."""
+    return int(((x != 0).sum(-2, dtype=torch.int64) * (y != 0).sum(-1, dtype=torch.int64)).sum())
+
+
 def product_ops(a: torch.Tensor, b: torch.Tensor, sum_a: torch.Tensor, sum_b: torch.Tensor) -> tuple[int, int]:
     """(SOP, OPS) of one AtNeuron step for a [..., N, d], b [..., d, M]: the totals of
     1[A≠0]·1[B≠0] + 1[A≠0]·1[S_B≠0] + 1[S_A≠0]·1[B≠0] (binary matrix products), against one
     dense product (numel(a)·M MACs)."""
-
-    def total(x, y):  # Σ over all entries of 1[x≠0] @ 1[y≠0] = Σ_k colsum_k(x) · rowsum_k(y)
-        return int(((x != 0).sum(-2, dtype=torch.int64) * (y != 0).sum(-1, dtype=torch.int64)).sum())
-
-    return total(a, b) + total(a, sum_b) + total(sum_a, b), a.numel() * b.shape[-1]
+    return binary_product_ops(a, b) + binary_product_ops(a, sum_b) + binary_product_ops(sum_a, b), a.numel() * b.shape[-1]
 
 
 def energy_ratios(sops: list[int], ops: list[int]) -> list[float]:

@@ -344,11 +344,11 @@ class _Recorder:
         SOPs are the module's own count, the binarised products A_t·B_t, A_t·S_B and S_A·B_t (S the
         operand sums through step t); its FLOPs one dense product."""
         def hook(module, args, out):
+            from spikeformers.models.ecmt import product_ops
+
             a, b = args[0].detach(), args[1].detach()
-            total = lambda x, y: float(((x != 0).sum(-2, dtype=torch.float64)  # noqa: E731
-                                        * (y != 0).sum(-1, dtype=torch.float64)).sum())
-            sops = total(a, b) + total(a, module.sum_b) + total(module.sum_a, b)
-            flops = a.numel() * b.shape[-1] / self.B  # per sample
+            sops, dense = product_ops(a, b, module.sum_a, module.sum_b)
+            flops = dense / self.B  # per sample
             product = getattr(module, "product_kind", "qk")
             N, D = a.shape[-2], (a.shape[-1] if product == "qk" else b.shape[-1]) * (a.shape[1] if a.dim() == 4 else 1)
             if product == "qk" and self.stats.get(name, {}).get("batch") != self.batch:

@@ -190,6 +190,9 @@ class AttentionCounts:
     z_a: float = 0.0
     z_b: float = 0.0
     s_macs: float = 0.0  # the part of ``s`` with no spike-valued operand (ECMT's graded products): MACs
+    batch: int = -1             # the batch of the last call (modules run one step per call)
+    steps_in_batch: int = 0
+    token_steps: float = 0.0    # Σ tokens present over the steps (AT-SNN's halting)
 
 
 @dataclass(kw_only=True)
@@ -466,7 +469,7 @@ class _Collector:
         if self._pooled(row, x, view, out_view, steps):
             self.mark_real(out)
 
-    def _pooled(self, row, x, view, out_view, steps) -> None:
+    def _pooled(self, row, x, view, out_view, steps) -> bool:
         row.n_in, row.n_out, row.steps = view.shape[-1], out_view.shape[-1], _steps(row, self.batch, steps)
         row.window = max(row.n_in // max(row.n_out, 1), 1) if row.op == "mean" else row.window
         kind = self._type_of(x)
@@ -628,27 +631,19 @@ class _Collector:
           module keeps them), each an AC if one of its operands is spike-valued {−a, 0, a}, else a
           MAC (``s_macs``); Dense is the same three products with all-ones operands."""
         def at_neuron(module, args):
+            from spikeformers.models.ecmt import binary_product_ops
+
             a, b = args[0].detach(), args[1].detach()  # [..., N, d] and [..., d, M]
             sum_a, sum_b = module.sum_a.detach(), module.sum_b.detach()
-
-            def binary_product(x, y):  # Σ over all entries of 1[x≠0] @ 1[y≠0]
-                return float(((x != 0).sum(-2, dtype=torch.float64) * (y != 0).sum(-1, dtype=torch.float64)).sum())
-
-            def spike_valued(x):
-                nonzero = x[x != 0].abs()
-                return nonzero.numel() == 0 or bool((nonzero == nonzero[0]).all())
-
-            spikes_a, spikes_b = spike_valued(a), spike_valued(b)
+            # spike-valued: {0, ±1} or one amplitude {0, ±θ}
+            spikes_a, spikes_b = (_value_type(t) in ("binary", "amplitude") for t in (a, b))
             terms = ((a, b, spikes_a or spikes_b), (a, sum_b, spikes_a), (sum_a, b, spikes_b))
-            ops = [(binary_product(x, y), ac) for x, y, ac in terms]
+            ops = [(float(binary_product_ops(x, y)), ac) for x, y, ac in terms]
             product = getattr(module, "product_kind", "qk")
             heads = a.shape[1] if a.dim() == 4 else 1
             d = a.shape[-1] if product == "qk" else b.shape[-1]
             row = self._row(name, lambda: AttentionCounts(name, product, a.shape[-2], heads * d, heads, 1))
-            if getattr(row, "batch", -1) != self.batch:  # the steps it ran in this batch
-                row.batch, row.steps_in_batch = self.batch, 0
-            row.steps_in_batch += 1
-            row.steps = row.steps_in_batch
+            row.steps = _steps(row, self.batch, 1)  # the steps it ran in this batch
             row.s += sum(s for s, _ in ops)
             row.s_macs += sum(s for s, ac in ops if not ac)
             row.dense += 3.0 * a.numel() * b.shape[-1]
@@ -695,7 +690,7 @@ class _Collector:
                 row.updates += _membrane_updates(module, model_kind, seq)
             row.spikes += float((out != 0).sum())
             if model_kind == "count":  # S/n out, S spikes each (n = D, or 1 for a raw-count head)
-                unit = module.max_spike_count if module.normalize else 1
+                unit = _count_unit(module)
                 row.levels = module.max_spike_count
                 row.events = (row.events or 0.0) + float((out.detach().double() * unit).round().sum())
             row.outputs += out.numel()
@@ -749,10 +744,10 @@ class _Collector:
                     row.samples += self.B
                     return
                 row.dense += float(dense_of(present).sum())
-                if getattr(row, "batch", -1) != self.batch:
+                if row.batch != self.batch:
                     row.batch = self.batch
                     row.samples += self.B
-                row.token_steps = getattr(row, "token_steps", 0.0) + float(present.sum())
+                row.token_steps += float(present.sum())
                 row.steps = row.token_steps / (row.samples * N)
 
             if kind == "qk_token":  # Σ_d q per token: one add per q spike; mask ⊙ k is masking
@@ -992,8 +987,12 @@ def tag_spike_counts(module: nn.Module, args, out):
 
     if module.training or not isinstance(out, torch.Tensor) or isinstance(out, SpikeCounts):
         return None
-    d = module.max_spike_count
-    return SpikeCounts.tag(out, d if module.normalize else 1, d)
+    return SpikeCounts.tag(out, _count_unit(module), module.max_spike_count)
+
+
+def _count_unit(module: nn.Module) -> int:
+    """n of a spike-count neuron's output S/n: D when it normalises (hidden neurons), else 1."""
+    return module.max_spike_count if module.normalize else 1
 
 
 def spike_count_unit(x) -> int | None:
