@@ -139,16 +139,22 @@ def test_integer_counts_are_counted_as_spikes_by_hand():
     assert binary.sops == pytest.approx(12, rel=1e-6) and binary.steps == 4  # the D planes as virtual steps
 
 
+def in_both_modes(model, count):
+    """``count()`` with ``model`` in integer mode, then in spike-driven (binary) mode; the model is
+    left in integer mode."""
+    integer = count()
+    set_spike_mode(model, "binary")
+    try:
+        return integer, count()
+    finally:
+        set_spike_mode(model, "integer")
+
+
 def test_integer_mode_sops_equal_binary_mode_sops(lively):
     torch.manual_seed(0)
     model = lively(timm.create_model("sdtv3_tiny", num_classes=10).eval())
     x = torch.randn(2, 1, 32, 32)
-    integer = analyze(model, [x])
-    set_spike_mode(model, "binary")
-    try:
-        binary = analyze(model, [x])
-    finally:
-        set_spike_mode(model, "integer")
+    integer, binary = in_both_modes(model, lambda: analyze(model, [x]))
     by_name = {r.name: r for r in binary.layers}
     assert [r.name for r in integer.layers] == list(by_name)
     counted = [r for r in integer.layers if r.input_type == "integer"]
@@ -190,12 +196,7 @@ def test_memory_aware_synaptic_events_equal_in_integer_and_binary_mode(lively):
     torch.manual_seed(0)
     model = lively(timm.create_model("sdtv3_tiny", num_classes=10).eval())
     x = torch.randn(2, 1, 32, 32)
-    integer = collect(model, [x])
-    set_spike_mode(model, "binary")
-    try:
-        binary = collect(model, [x])
-    finally:
-        set_spike_mode(model, "integer")
+    integer, binary = in_both_modes(model, lambda: collect(model, [x]))
     from spikeformers.train.neurobench import ConnectionCounts
 
     ints = {r.name: r for r in integer.rows if isinstance(r, ConnectionCounts)}
